@@ -1,0 +1,41 @@
+"""The ``xbn`` command line: ``xbn demo | parity | bench | info``.
+
+Each subcommand lives in its own module and is imported only when run, so ``xbn info`` works
+without the demo's or the benchmarks' extras installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help); each module has add_arguments(parser) and run(args) -> int
+SUBCOMMANDS = {
+    "demo": ("xbn.demo", "train a small classifier with and without BatchNorm"),
+    "parity": ("xbn.parity", "every backend against a float64 reference"),
+    "bench": ("xbn.bench", "microbenchmarks with tables and plots"),
+    "info": ("xbn.info", "versions, importable backends, usable devices"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="xbn", description="Batch Normalization for array programmers")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        try:
+            importlib.import_module(module).add_arguments(p)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            p.set_defaults(_missing=True)
+    args = parser.parse_args(argv)
+    if getattr(args, "_missing", False):
+        parser.error(f"'xbn {args.command}' is not available in this build")
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""Batch normalization math as pure functions of Python Array API arrays.
+
+Nothing here holds state or asks which library it runs on: every function takes arrays
+(positional-only) and options (keyword-only), and finds the namespace with array-api-compat
+unless ``xp=`` is given. The layers in :mod:`xbn.layers` orchestrate these functions; the fast
+paths in :mod:`xbn.kernels` replace some of them one for one and are tested against them.
+
+Statistics are accumulated in float32 for float16/bfloat16 inputs and in the input's own
+precision otherwise (float64 stays float64). Per-channel vectors are 1-D arrays of length C.
+
+Examples
+--------
+>>> import numpy as np
+>>> from xbn import functional as F
+>>> x = np.arange(12, dtype=np.float64).reshape(3, 2, 2)     # (N, C, L)
+>>> mean, var = F.batch_stats(x, axis=1)
+>>> mean.tolist(), var.tolist()
+([4.5, 6.5], [11.916666666666666, 11.916666666666666])
+"""
+
+from __future__ import annotations
+
+import sys
+from types import ModuleType
+from typing import Any
+
+from array_api_compat import array_namespace
+
+Array = Any
+
+__all__ = [
+    "compute_dtype",
+    "reduction_axes",
+    "per_channel",
+    "batch_stats",
+    "invstd",
+    "scale_shift_coefficients",
+    "scale_shift",
+    "updated_running_stats",
+    "backward_reduce",
+    "backward_coefficients",
+    "backward_apply",
+    "normalize",
+    "batch_norm_train",
+    "batch_norm_backward",
+    "values_per_channel",
+]
+
+
+def _ns(xp: ModuleType | None, *arrays: Array) -> ModuleType:
+    return xp if xp is not None else array_namespace(*arrays)
+
+
+def compute_dtype(dtype: Any, /, *, xp: ModuleType) -> Any:
+    """The dtype statistics are accumulated in: float64 for float64, float32 for the rest.
+
+    float16/bfloat16 sums lose digits after a few thousand terms, so they accumulate in float32.
+    """
+    return xp.float64 if dtype == xp.float64 else xp.float32
+
+
+def reduction_axes(ndim: int, axis: int, /) -> tuple[int, ...]:
+    """Every axis but the channel axis (``axis`` already normalized to 0 <= axis < ndim)."""
+    return tuple(a for a in range(ndim) if a != axis)
+
+
+def per_channel(v: Array, ndim: int, axis: int, /, *, xp: ModuleType | None = None) -> Array:
+    """Reshape a (C,) vector so it broadcasts along ``axis`` of an ``ndim``-dimensional array."""
+    xp = _ns(xp, v)
+    shape = [1] * ndim
+    shape[axis] = v.shape[0]
+    return xp.reshape(v, tuple(shape))
+
+
+def _as_compute(x: Array, xp: ModuleType) -> Array:
+    dt = compute_dtype(x.dtype, xp=xp)
+    return x if x.dtype == dt else xp.astype(x, dt)
+
+
+def batch_stats(x: Array, /, *, axis: int, xp: ModuleType | None = None) -> tuple[Array, Array]:
+    """Per-channel mean and biased variance of ``x``, in the compute dtype.
+
+    Two passes (mean, then the mean of centered squares): E[x^2] - E[x]^2 cancels
+    catastrophically in float32 when |mean| >> std (x = 1e4 + N(0, 1) loses every digit).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from xbn.functional import batch_stats
+    >>> x = np.array([[1.0, 10.0], [3.0, 10.0]])
+    >>> [v.tolist() for v in batch_stats(x, axis=1)]
+    [[2.0, 10.0], [1.0, 0.0]]
+    """
+    xp = _ns(xp, x)
+    xc = _as_compute(x, xp)
+    axes = reduction_axes(x.ndim, axis)
+    mean = xp.mean(xc, axis=axes)
+    centered = xc - per_channel(mean, x.ndim, axis, xp=xp)
+    var = xp.mean(centered * centered, axis=axes)
+    return mean, var
+
+
+def invstd(var: Array, /, *, eps: float, xp: ModuleType | None = None) -> Array:
+    """1 / sqrt(var + eps), the factor PyTorch saves as ``save_invstd``."""
+    xp = _ns(xp, var)
+    return 1.0 / xp.sqrt(var + eps)
+
+
+def scale_shift_coefficients(
+    mean: Array,
+    inv: Array,
+    weight: Array | None,
+    bias: Array | None,
+    /,
+    *,
+    xp: ModuleType | None = None,
+) -> tuple[Array, Array]:
+    """Per-channel (scale, shift) with y = x * scale + shift = (x - mean) * inv * weight + bias."""
+    xp = _ns(xp, mean, inv)
+    scale = inv if weight is None else inv * xp.astype(weight, inv.dtype)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + xp.astype(bias, inv.dtype)
+    return scale, shift
+
+
+def scale_shift(
+    x: Array,
+    scale: Array,
+    shift: Array | None,
+    /,
+    *,
+    axis: int,
+    xp: ModuleType | None = None,
+) -> Array:
+    """y = x * scale + shift per channel, computed in the dtype of ``scale``, returned in x's dtype."""
+    xp = _ns(xp, x)
+    y = xp.astype(x, scale.dtype) if x.dtype != scale.dtype else x
+    y = y * per_channel(scale, x.ndim, axis, xp=xp)
+    if shift is not None:
+        y = y + per_channel(shift, x.ndim, axis, xp=xp)
+    return y if y.dtype == x.dtype else xp.astype(y, x.dtype)
+
+
+def updated_running_stats(
+    running_mean: Array,
+    running_var: Array,
+    mean: Array,
+    var: Array,
+    /,
+    *,
+    count: int,
+    momentum: float,
+    xp: ModuleType | None = None,
+) -> tuple[Array, Array]:
+    """New running (mean, var): (1 - m) * running + m * batch, with the unbiased batch variance.
+
+    ``var`` is the biased batch variance over ``count`` values per channel; the running variance
+    takes var * count / (count - 1), as PyTorch does. Results keep the running stats' dtype.
+    """
+    xp = _ns(xp, running_mean, mean)
+    dt = running_mean.dtype
+    unbiased = var * (count / (count - 1))
+    new_mean = (1.0 - momentum) * running_mean + momentum * xp.astype(mean, dt)
+    new_var = (1.0 - momentum) * running_var + momentum * xp.astype(unbiased, dt)
+    return new_mean, new_var
+
+
+def backward_reduce(
+    dy: Array, x: Array, mean: Array, /, *, axis: int, xp: ModuleType | None = None
+) -> tuple[Array, Array]:
+    """Per-channel sum(dy) and sum(dy * (x - mean)), accumulated in mean's dtype."""
+    xp = _ns(xp, dy, x)
+    dt = mean.dtype
+    dyc = dy if dy.dtype == dt else xp.astype(dy, dt)
+    xc = x if x.dtype == dt else xp.astype(x, dt)
+    axes = reduction_axes(x.ndim, axis)
+    xmu = xc - per_channel(mean, x.ndim, axis, xp=xp)
+    return xp.sum(dyc, axis=axes), xp.sum(dyc * xmu, axis=axes)
+
+
+def backward_coefficients(
+    sum_dy: Array,
+    sum_dy_xmu: Array,
+    inv: Array,
+    weight: Array | None,
+    /,
+    *,
+    count: int,
+    xp: ModuleType | None = None,
+) -> tuple[Array, Array, Array]:
+    """Per-channel (k_dy, k_xmu, k_const) with dx = dy * k_dy + (x - mean) * k_xmu + k_const.
+
+    This is dx = gamma * invstd * (dy - sum_dy / M - (x - mean) * invstd^2 * sum_dy_xmu / M)
+    with the per-channel products hoisted out, so the elementwise pass is two multiply-adds.
+    (x - mean) is kept rather than folding mean into k_const: x * k - mean * k cancels in float32
+    when |mean| >> std.
+    """
+    xp = _ns(xp, sum_dy, inv)
+    k_dy = inv if weight is None else inv * xp.astype(weight, inv.dtype)
+    k_xmu = -k_dy * inv * inv * sum_dy_xmu / count
+    k_const = -k_dy * sum_dy / count
+    return k_dy, k_xmu, k_const
+
+
+def backward_apply(
+    dy: Array,
+    x: Array,
+    mean: Array,
+    k_dy: Array,
+    k_xmu: Array,
+    k_const: Array,
+    /,
+    *,
+    axis: int,
+    xp: ModuleType | None = None,
+) -> Array:
+    """dx = dy * k_dy + (x - mean) * k_xmu + k_const per channel, in dy's dtype."""
+    xp = _ns(xp, dy, x)
+    dt = k_dy.dtype
+    dyc = dy if dy.dtype == dt else xp.astype(dy, dt)
+    xc = x if x.dtype == dt else xp.astype(x, dt)
+    nd, a = x.ndim, axis
+    dx = (
+        dyc * per_channel(k_dy, nd, a, xp=xp)
+        + (xc - per_channel(mean, nd, a, xp=xp)) * per_channel(k_xmu, nd, a, xp=xp)
+        + per_channel(k_const, nd, a, xp=xp)
+    )
+    return dx if dx.dtype == dy.dtype else xp.astype(dx, dy.dtype)
+
+
+def normalize(
+    x: Array,
+    mean: Array,
+    inv: Array,
+    weight: Array | None,
+    bias: Array | None,
+    /,
+    *,
+    axis: int,
+    xp: ModuleType | None = None,
+    ops: Any = None,
+) -> Array:
+    """y = (x - mean) * inv * weight + bias, as one multiply-add per element.
+
+    ``ops`` (an object with the op names of :data:`xbn.backends.OP_NAMES` as attributes, such as
+    a :class:`xbn.backends.Ops`) supplies fast paths; by default the functions of this module.
+    """
+    xp = _ns(xp, x)
+    ops = _GENERIC if ops is None else ops
+    scale, shift = scale_shift_coefficients(mean, inv, weight, bias, xp=xp)
+    return ops.scale_shift(x, scale, shift, axis=axis, xp=xp)
+
+
+def batch_norm_train(
+    x: Array,
+    weight: Array | None,
+    bias: Array | None,
+    /,
+    *,
+    axis: int,
+    eps: float = 1e-5,
+    xp: ModuleType | None = None,
+    ops: Any = None,
+) -> tuple[Array, Array, Array]:
+    """Batch norm with the batch's own statistics: returns (y, mean, invstd).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from xbn.functional import batch_norm_train
+    >>> x = np.array([[1.0], [3.0]])
+    >>> y, mean, inv = batch_norm_train(x, None, None, axis=1, eps=0.0)
+    >>> y.ravel().tolist(), mean.tolist(), inv.tolist()
+    ([-1.0, 1.0], [2.0], [1.0])
+    """
+    xp = _ns(xp, x)
+    ops = _GENERIC if ops is None else ops
+    mean, var = ops.batch_stats(x, axis=axis, xp=xp)
+    inv = invstd(var, eps=eps, xp=xp)
+    return normalize(x, mean, inv, weight, bias, axis=axis, xp=xp, ops=ops), mean, inv
+
+
+def batch_norm_backward(
+    dy: Array,
+    x: Array,
+    mean: Array,
+    inv: Array,
+    weight: Array | None,
+    /,
+    *,
+    axis: int,
+    batch_stats_used: bool = True,
+    need_param_grads: bool = True,
+    xp: ModuleType | None = None,
+    ops: Any = None,
+) -> tuple[Array, Array | None, Array | None]:
+    """Backward of batch norm: returns (dx, dgamma, dbeta).
+
+    With ``batch_stats_used`` the mean and invstd were computed from ``x`` itself and dx carries
+    their derivative; otherwise (eval mode with running statistics) they were constants and
+    dx = dy * gamma * invstd. dgamma = sum(dy * (x - mean)) * invstd and dbeta = sum(dy); they
+    are None when ``need_param_grads`` is false and dx does not need the sums either.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from xbn.functional import batch_norm_backward
+    >>> x = np.array([[1.0], [3.0]]); dy = np.array([[1.0], [0.0]])
+    >>> dx, dgamma, dbeta = batch_norm_backward(dy, x, np.array([2.0]), np.array([1.0]), None, axis=1)
+    >>> dx.ravel().tolist(), dgamma.tolist(), dbeta.tolist()
+    ([0.0, 0.0], [-1.0], [1.0])
+    """
+    xp = _ns(xp, dy, x)
+    ops = _GENERIC if ops is None else ops
+    if not batch_stats_used and not need_param_grads:
+        k_dy = inv if weight is None else inv * xp.astype(weight, inv.dtype)
+        return ops.scale_shift(dy, k_dy, None, axis=axis, xp=xp), None, None
+    sum_dy, sum_dy_xmu = ops.backward_reduce(dy, x, mean, axis=axis, xp=xp)
+    if batch_stats_used:
+        count = values_per_channel(x.shape, axis)
+        k_dy, k_xmu, k_const = backward_coefficients(
+            sum_dy, sum_dy_xmu, inv, weight, count=count, xp=xp
+        )
+        dx = ops.backward_apply(dy, x, mean, k_dy, k_xmu, k_const, axis=axis, xp=xp)
+    else:
+        k_dy = inv if weight is None else inv * xp.astype(weight, inv.dtype)
+        dx = ops.scale_shift(dy, k_dy, None, axis=axis, xp=xp)
+    return dx, sum_dy_xmu * inv, sum_dy
+
+
+def values_per_channel(shape: tuple[int, ...], axis: int, /) -> int:
+    """M: the number of values each channel's statistics are taken over (numel / C)."""
+    count = 1
+    for i, n in enumerate(shape):
+        if i != axis:
+            count *= n
+    return count
+
+
+_GENERIC = sys.modules[__name__]
