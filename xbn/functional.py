@@ -15,7 +15,7 @@ Examples
 >>> x = np.arange(12, dtype=np.float64).reshape(3, 2, 2)     # (N, C, L)
 >>> mean, var = F.batch_stats(x, axis=1)
 >>> mean.tolist(), var.tolist()
-([4.5, 6.5], [11.916666666666666, 11.916666666666666])
+([4.5, 6.5], [10.916666666666666, 10.916666666666666])
 """
 
 from __future__ import annotations
