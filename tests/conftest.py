@@ -15,6 +15,16 @@ from xbn import backends
 
 ALL = backends.KNOWN_BACKENDS
 
+#: array-api-strict is pinned to one standard version, so a test never leans on a newer one.
+STRICT_API_VERSION = "2024.12"
+
+try:
+    import array_api_strict
+
+    array_api_strict.set_array_api_strict_flags(api_version=STRICT_API_VERSION)
+except ImportError:
+    pass
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(

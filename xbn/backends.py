@@ -114,7 +114,8 @@ class Backend:
             return False
 
 
-def _force_generic() -> bool:
+def generic_forced() -> bool:
+    """Whether XBN_FORCE_GENERIC asks for the generic path everywhere."""
     return os.environ.get("XBN_FORCE_GENERIC", "").strip().lower() not in ("", "0", "false", "no")
 
 
@@ -192,13 +193,13 @@ def _namespace_of_module(module: ModuleType) -> ModuleType:
 def _resolve_device(name: str, xp: ModuleType, device: Any) -> Any:
     if device is None:
         return array_api_compat.device(xp.empty((0,)))
-    if name == "array_api_strict" and isinstance(device, str):
-        device = xp.Device(device)
-    if name == "cupy" and isinstance(device, int):
-        import cupy
-
-        device = cupy.cuda.Device(device)
     try:
+        if name == "array_api_strict" and isinstance(device, str):
+            device = xp.Device(device)
+        if name == "cupy" and isinstance(device, int):
+            import cupy
+
+            device = cupy.cuda.Device(device)
         probe = xp.empty((0,), device=device)
     except Exception as e:
         raise ValueError(f"device {device!r} is not usable with backend {name!r}: {e}") from e
@@ -219,7 +220,7 @@ def resolve(backend: Any = "auto", device: Any = None, *, generic: bool | None =
     ('numpy', 'cpu')
     """
     if generic is None:
-        generic = _force_generic()
+        generic = generic_forced()
     if isinstance(backend, Backend):
         if device is None and not generic:
             return backend

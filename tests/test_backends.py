@@ -1,0 +1,202 @@
+"""Backend dispatch: resolution at construction, arrays that stay on their device, the kernel seam."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import array_api_compat
+import numpy as np
+import pytest
+
+import xbn
+from xbn import backends
+from xbn.layers import _to_host
+
+
+def _host(a):
+    return _to_host(a, "array")
+
+
+def _assert_owned(b: backends.Backend, a, what: str) -> None:
+    assert array_api_compat.array_namespace(a) is b.xp, f"{what} left the {b.name} namespace"
+    assert array_api_compat.device(a) == b.device, f"{what} left device {b.device!r}"
+
+
+# -- resolve ------------------------------------------------------------------------------------
+
+
+def test_resolve_names_modules_and_example_arrays():
+    import array_api_strict
+
+    assert backends.resolve("numpy").name == "numpy"
+    assert backends.resolve(np).name == "numpy"
+    assert backends.resolve(np.zeros(3)).name == "numpy"
+    assert backends.resolve("array_api_strict").xp is array_api_strict
+    assert backends.resolve(array_api_strict).name == "array_api_strict"
+    strict_example = array_api_strict.asarray([1.0], device=array_api_strict.Device("device1"))
+    b = backends.resolve(strict_example)
+    assert b.name == "array_api_strict" and b.device == array_api_strict.Device("device1")
+    again = backends.resolve(b)
+    assert again is b
+
+
+def test_resolve_auto_is_numpy_without_a_usable_gpu():
+    if backends._cuda_usable():
+        assert backends.resolve("auto").name == "cupy"
+    else:
+        assert backends.resolve("auto").name == "numpy"
+
+
+@pytest.mark.parametrize("bad", ["jax-but-misspelled", 3, object()])
+def test_resolve_unknown_backend_is_a_value_error_naming_the_choices(bad):
+    with pytest.raises(ValueError, match=r"unknown backend .*expected 'auto'"):
+        backends.resolve(bad)
+    with pytest.raises(ValueError, match="unknown backend"):
+        xbn.BatchNorm2d(3, backend=bad)
+
+
+def test_cupy_unavailable_says_what_to_install_or_why():
+    if backends._cuda_usable():
+        pytest.skip("a CUDA device is usable here, so the cupy backend is available")
+    with pytest.raises(backends.BackendUnavailableError) as info:
+        xbn.BatchNorm2d(3, backend="cupy")
+    msg = str(info.value)
+    if importlib.util.find_spec("cupy") is None:
+        assert "pip install" in msg and "cuda12" in msg
+    else:
+        assert "CUDA device" in msg
+
+
+def test_bad_device_is_a_value_error():
+    with pytest.raises(ValueError, match="device .* is not usable with backend 'array_api_strict'"):
+        backends.resolve("array_api_strict", device="no-such-device")
+
+
+# -- arrays stay in the layer's namespace and on its device -------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_every_public_method_keeps_arrays_on_the_layer_backend(backend, layout):
+    b, xp = backend, backend.xp
+    rng = np.random.default_rng(0)
+    shape, axis = ((4, 3, 5, 5), 1) if layout == "NCHW" else ((4, 5, 5, 3), -1)
+    bn = xbn.BatchNorm(3, axis=axis, backend=b.name, device=b.device)
+    assert bn.backend == b.name and bn.xp is xp and bn.device == b.device
+    for name, a in (("weight", bn.weight.data), ("bias", bn.bias.data),
+                    ("running_mean", bn.running_mean), ("running_var", bn.running_var)):
+        _assert_owned(b, a, name)
+    x = xp.asarray(rng.normal(size=shape).astype(np.float32), device=b.device)
+    y = bn(x)
+    _assert_owned(b, y, "forward output")
+    dx = bn.backward(xp.ones_like(y))
+    _assert_owned(b, dx, "dx")
+    _assert_owned(b, bn.weight.grad, "weight.grad")
+    _assert_owned(b, bn.bias.grad, "bias.grad")
+    _assert_owned(b, bn.running_mean, "running_mean after training")
+    xbn.optim.SGD(bn.parameters(), lr=0.1, momentum=0.9).step()
+    _assert_owned(b, bn.weight.data, "weight after SGD step")
+    sd = bn.state_dict()
+    for k, v in sd.items():
+        _assert_owned(b, v, f"state_dict[{k!r}]")
+    assert sd["num_batches_tracked"].dtype == xp.int64 and sd["num_batches_tracked"].shape == ()
+    bn.load_state_dict({k: _host(v) for k, v in sd.items()})  # from NumPy, e.g. a torch state_dict
+    for k, v in bn.state_dict().items():
+        _assert_owned(b, v, f"state_dict[{k!r}] after load_state_dict")
+    y_eval = bn.eval()(x)
+    _assert_owned(b, y_eval, "eval output")
+    _assert_owned(b, bn.backward(xp.ones_like(y_eval)), "eval dx")
+
+
+def test_input_of_another_backend_is_a_type_error_naming_both(backend):
+    other = np.ones((4, 3), dtype=np.float32)
+    if backend.name == "numpy":
+        import array_api_strict
+
+        other = array_api_strict.ones((4, 3))
+    bn = xbn.BatchNorm1d(3, backend=backend.name)
+    before = {k: _host(v).tobytes() for k, v in bn.state_dict().items()}
+    with pytest.raises(TypeError, match=rf"backend '{backend.name}'.*got .*{type(other).__module__.split('.')[0]}"):
+        bn(other)
+    assert {k: _host(v).tobytes() for k, v in bn.state_dict().items()} == before
+    bn(backend.xp.ones((4, 3), dtype=backend.xp.float32, device=backend.device) + backend.xp.reshape(
+        backend.xp.arange(4, dtype=backend.xp.float32, device=backend.device), (4, 1)))
+    with pytest.raises(TypeError, match="dy must be an array of the layer's backend"):
+        bn.backward(other)
+
+
+def test_array_api_strict_device_propagation_and_device_mismatch():
+    import array_api_strict as xps
+
+    dev1 = xps.Device("device1")
+    bn = xbn.BatchNorm2d(2, backend="array_api_strict", device="device1")
+    b = backends.resolve("array_api_strict", device=dev1)
+    x = xps.reshape(xps.arange(2 * 2 * 3 * 3, dtype=xps.float32, device=dev1), (2, 2, 3, 3))
+    y = bn(x)
+    dx = bn.backward(xps.ones_like(y))
+    for what, a in (("y", y), ("dx", dx), ("weight.grad", bn.weight.grad),
+                    ("running_var", bn.running_var)):
+        _assert_owned(b, a, what)
+    on_cpu = xps.asarray(_host(x))
+    assert on_cpu.device != dev1
+    with pytest.raises(TypeError, match=r"device .*CPU_DEVICE.*layer lives on device .*device1"):
+        bn(on_cpu)
+
+
+# -- moving a layer -----------------------------------------------------------------------------
+
+
+def test_to_moves_all_state_and_keeps_values():
+    pytest.importorskip("torch", reason="the round trip passes through the torch backend")
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(6, 3, 4)).astype(np.float32)
+    bn = xbn.BatchNorm1d(3, backend="numpy", momentum=None)
+    bn(x)
+    bn.backward(np.ones_like(x))
+    ref = {k: _host(v) for k, v in bn.state_dict().items()}
+    grad = _host(bn.weight.grad)
+    for target, device in (("array_api_strict", "device1"), ("torch", None), ("numpy", None)):
+        assert bn.to(target, device=device) is bn
+        b = backends.resolve(target, device)
+        assert bn.backend == target and bn.device == b.device
+        for k, v in bn.state_dict().items():
+            _assert_owned(b, v, k)
+            np.testing.assert_array_equal(_host(v), ref[k])
+        _assert_owned(b, bn.weight.grad, "weight.grad")
+        np.testing.assert_array_equal(_host(bn.weight.grad), grad)
+        assert bn.dtype == b.xp.float32
+    with pytest.raises(xbn.BackwardBeforeForwardError):
+        bn.backward(np.ones_like(x))  # the cached forward does not survive a move
+    y = bn(x)
+    assert isinstance(y, np.ndarray)
+
+
+# -- the kernel seam ----------------------------------------------------------------------------
+
+
+def test_registered_fast_path_is_used_and_generic_forcing_skips_it(monkeypatch):
+    calls = []
+
+    def spy_scale_shift(x, scale, shift, /, *, axis, xp=None):
+        calls.append(x.shape)
+        return xbn.functional.scale_shift(x, scale, shift, axis=axis, xp=xp)
+
+    backends.registered_kernels("numpy")  # load the real table first, then add the spy to it
+    monkeypatch.setitem(backends._KERNELS, "numpy", {**backends._KERNELS.get("numpy", {}),
+                                                     "scale_shift": spy_scale_shift})
+    x = np.ones((4, 2), dtype=np.float32) + np.arange(4, dtype=np.float32)[:, None]
+    bn = xbn.BatchNorm1d(2, backend="numpy")
+    assert "scale_shift" in bn._backend.ops.fast
+    bn(x)
+    assert calls == [(4, 2)]
+
+    monkeypatch.setenv("XBN_FORCE_GENERIC", "1")
+    generic = xbn.BatchNorm1d(2, backend="numpy")
+    assert generic._backend.ops.fast == ()
+    generic(x)
+    assert calls == [(4, 2)]
+    assert backends.resolve("numpy", generic=False).ops.fast != ()
+
+
+def test_register_kernel_rejects_unknown_ops():
+    with pytest.raises(ValueError, match="unknown op 'fused_everything'"):
+        backends.register_kernel("numpy", "fused_everything")

@@ -1,0 +1,87 @@
+"""``xbn info`` and ``xbn parity``: they run, report, and fail when a backend is wrong."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import xbn
+from xbn import backends, cli, parity
+
+
+def test_info_lists_versions_and_backends(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"xbn {xbn.__version__}" in out and "numpy" in out
+    assert "array_api_strict" in out and "'auto' resolves to:" in out
+
+
+def test_parity_passes_on_cpu_backends_and_writes_json(tmp_path, capsys):
+    out_json = tmp_path / "parity.json"
+    rc = cli.main(["parity", "--backend", "numpy", "--backend", "array_api_strict",
+                   "--json", str(out_json)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "0 failed" in out
+    data = json.loads(out_json.read_text())
+    cases = data["results"]
+    assert {c["backend"] for c in cases} == {"numpy", "array_api_strict"}
+    assert {c["mode"] for c in cases} == set(parity.MODES)
+    assert {c["layout"] for c in cases} == set(parity.LAYOUTS)
+    assert {"float64", "float32", "float16"} <= {c["dtype"] for c in cases}
+    assert all(c["passed"] for c in cases)
+
+
+def test_parity_fails_when_a_fast_path_is_off_by_a_little(monkeypatch, capsys):
+    def off_by_1e4(x, scale, shift, /, *, axis, xp=None):
+        return xbn.functional.scale_shift(x, scale * (1 + 1e-4), shift, axis=axis, xp=xp)
+
+    backends.registered_kernels("numpy")
+    monkeypatch.setitem(backends._KERNELS, "numpy", {**backends._KERNELS.get("numpy", {}),
+                                                     "scale_shift": off_by_1e4})
+    rc = cli.main(["parity", "--backend", "numpy", "--layout", "NC", "--mode", "train"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    rows = {line.split()[1]: line for line in out.splitlines() if line.startswith("numpy")}
+    assert rows["float64"].rstrip().endswith("FAIL") and rows["float32"].rstrip().endswith("FAIL")
+    assert rows["float16"].rstrip().endswith("ok")  # 1e-4 is inside float16's tolerance
+
+
+def test_parity_reports_a_crash_as_a_failed_case(monkeypatch):
+    def broken(x, /, *, axis, xp=None):
+        raise RuntimeError("kernel exploded")
+
+    backends.registered_kernels("numpy")
+    monkeypatch.setitem(backends._KERNELS, "numpy", {"batch_stats": broken})
+    results, _ = parity.run_matrix(["numpy"], dtypes=["float32"], layouts=["NC"], modes=["train"])
+    assert len(results) == 1 and not results[0].passed
+    assert "kernel exploded" in results[0].error
+
+
+def test_parity_reference_matches_torch_definitions():
+    torch = pytest.importorskip("torch", reason="checks the reference against torch itself")
+    rng = np.random.default_rng(3)
+    x, dy = rng.normal(size=(5, 3, 4)), rng.normal(size=(5, 3, 4))
+    w, b = rng.uniform(0.5, 1.5, 3), rng.normal(size=3)
+    rm, rv = rng.normal(size=3), rng.uniform(0.5, 2, 3)
+    ref = parity.reference(x, dy, 1, weight=w, bias=b, running_mean=rm.copy(), running_var=rv.copy(),
+                           training=True, eps=1e-5, momentum=0.1)
+    tx = torch.tensor(x, requires_grad=True)
+    tw, tb = torch.tensor(w, requires_grad=True), torch.tensor(b, requires_grad=True)
+    trm, trv = torch.tensor(rm), torch.tensor(rv)
+    y = torch.nn.functional.batch_norm(tx, trm, trv, tw, tb, training=True, momentum=0.1, eps=1e-5)
+    y.backward(torch.tensor(dy))
+    for key, t in (("y", y), ("dx", tx.grad), ("dgamma", tw.grad), ("dbeta", tb.grad),
+                   ("running_mean", trm), ("running_var", trv)):
+        np.testing.assert_allclose(ref[key], t.detach().numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_console_script_entry_point_runs():
+    proc = subprocess.run([sys.executable, "-m", "xbn", "info"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "backends" in proc.stdout

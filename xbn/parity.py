@@ -1,0 +1,248 @@
+"""``xbn parity``: every backend against a float64 NumPy reference, in one table.
+
+The matrix is backends x dtypes x layouts x modes. Each case builds a layer on the backend, loads
+the same random parameters and running statistics, runs forward and backward, and compares y,
+dx, dgamma, dbeta and the updated running statistics with a float64 reference computed here
+directly from PyTorch's formulas (independent of :mod:`xbn.functional`). The reference sees the
+input already rounded to the case's dtype, so only the computation's error is measured. The
+command exits 1 if any case exceeds its dtype's tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import backends
+from .layers import BatchNorm, _to_host
+
+#: Largest allowed relative error (max |got - ref| / max |ref|) per input dtype.
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-2}
+
+#: layout name -> (input shape, channel axis)
+LAYOUTS = {
+    "NCHW": ((4, 3, 5, 6), 1),
+    "NHWC": ((4, 5, 6, 3), -1),
+    "NC": ((16, 5), 1),
+    "NCDHW": ((2, 3, 3, 4, 5), 1),
+    "NCHW-wide": ((8, 4, 33, 31), 1),
+}
+
+MODES = ("train", "eval", "affine-off", "no-running-stats")
+
+QUANTITIES = ("y", "dx", "dgamma", "dbeta", "running_mean", "running_var")
+
+
+@dataclass
+class CaseResult:
+    backend: str
+    dtype: str
+    layout: str
+    mode: str
+    errors: dict[str, float] = field(default_factory=dict)
+    tolerance: float = 0.0
+    error: str | None = None
+
+    @property
+    def worst(self) -> float:
+        return max(self.errors.values(), default=0.0)
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and self.worst <= self.tolerance
+
+
+def reference(
+    x: np.ndarray,
+    dy: np.ndarray,
+    axis: int,
+    *,
+    weight: np.ndarray | None,
+    bias: np.ndarray | None,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    training: bool,
+    eps: float,
+    momentum: float,
+) -> dict[str, np.ndarray]:
+    """float64 forward, backward and running-stat update, straight from PyTorch's definitions."""
+    axes = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
+    shape = [1] * x.ndim
+    shape[axis] = x.shape[axis]
+
+    def bc(v: np.ndarray) -> np.ndarray:
+        return v.reshape(shape)
+
+    m = x.size // x.shape[axis]
+    batch = training or running_mean is None
+    if batch:
+        mean = x.mean(axis=axes)
+        var = ((x - bc(mean)) ** 2).mean(axis=axes)
+    else:
+        mean, var = running_mean, running_var
+    inv = 1.0 / np.sqrt(var + eps)
+    g = np.ones_like(mean) if weight is None else weight
+    b = np.zeros_like(mean) if bias is None else bias
+    xhat = (x - bc(mean)) * bc(inv)
+    out = {"y": xhat * bc(g) + bc(b)}
+    sum_dy = dy.sum(axis=axes)
+    sum_dy_xmu = (dy * (x - bc(mean))).sum(axis=axes)
+    if batch:
+        out["dx"] = bc(g * inv) * (dy - bc(sum_dy) / m - (x - bc(mean)) * bc(inv**2 * sum_dy_xmu) / m)
+    else:
+        out["dx"] = dy * bc(g * inv)
+    if weight is not None:
+        out["dgamma"] = sum_dy_xmu * inv
+        out["dbeta"] = sum_dy
+    if training and running_mean is not None:
+        out["running_mean"] = (1 - momentum) * running_mean + momentum * mean
+        out["running_var"] = (1 - momentum) * running_var + momentum * var * m / (m - 1)
+    return out
+
+
+def _rel_err(got: np.ndarray, ref: np.ndarray) -> float:
+    got = np.asarray(got, dtype=np.float64)
+    scale = max(float(np.max(np.abs(ref))), 1e-30)
+    if not np.all(np.isfinite(got)):
+        return float("inf")
+    return float(np.max(np.abs(got - ref))) / scale
+
+
+def _dtypes_of(b: backends.Backend) -> list[str]:
+    return [d for d in TOLERANCE if hasattr(b.xp, d)]
+
+
+def run_case(b: backends.Backend, dtype: str, layout: str, mode: str, seed: int) -> CaseResult:
+    res = CaseResult(b.name, dtype, layout, mode, tolerance=TOLERANCE[dtype])
+    shape, axis = LAYOUTS[layout]
+    rng = np.random.default_rng(seed)
+    c = shape[axis]
+    xp, dev = b.xp, b.device
+    param_dtype = "float64" if dtype == "float64" else "float32"
+    affine = mode != "affine-off"
+    tracking = mode != "no-running-stats"
+    training = mode != "eval"
+    momentum = 0.1
+    try:
+        bn = BatchNorm(c, axis=axis, affine=affine, track_running_stats=tracking,
+                       momentum=momentum, backend=b, dtype=param_dtype)
+        state: dict[str, np.ndarray] = {}
+        if affine:
+            state["weight"] = rng.uniform(0.5, 1.5, c).astype(param_dtype)
+            state["bias"] = rng.normal(0, 0.5, c).astype(param_dtype)
+        if tracking:
+            state["running_mean"] = rng.normal(0, 0.5, c).astype(param_dtype)
+            state["running_var"] = rng.uniform(0.5, 2.0, c).astype(param_dtype)
+            state["num_batches_tracked"] = np.asarray(3, dtype=np.int64)
+        bn.load_state_dict(state)
+        bn.train(training)
+
+        x_host = rng.normal(0.5, 2.0, shape) + rng.normal(0, 1, c).reshape(
+            [c if i == axis % len(shape) else 1 for i in range(len(shape))])
+        dy_host = rng.normal(0, 1, shape)
+        x = xp.astype(xp.asarray(x_host, device=dev), getattr(xp, dtype))
+        dy = xp.astype(xp.asarray(dy_host, device=dev), getattr(xp, dtype))
+        y = bn(x)
+        dx = bn.backward(dy)
+
+        def f64(name: str) -> np.ndarray | None:
+            v = state.get(name)
+            return None if v is None else v.astype(np.float64)
+
+        ref = reference(
+            _to_host(xp.astype(x, xp.float32 if dtype in ("float16", "bfloat16") else x.dtype), "x").astype(np.float64),
+            _to_host(xp.astype(dy, xp.float32 if dtype in ("float16", "bfloat16") else dy.dtype), "dy").astype(np.float64),
+            axis, weight=f64("weight"), bias=f64("bias"), running_mean=f64("running_mean"),
+            running_var=f64("running_var"), training=training, eps=bn.eps, momentum=momentum,
+        )
+        got = {"y": y, "dx": dx}
+        if affine:
+            got["dgamma"], got["dbeta"] = bn.weight.grad, bn.bias.grad  # type: ignore[union-attr]
+        if "running_mean" in ref:
+            got["running_mean"], got["running_var"] = bn.running_mean, bn.running_var
+        for key, r in ref.items():
+            g = got[key]
+            if dtype == "bfloat16" and g.dtype != xp.float32:  # NumPy has no bfloat16
+                g = xp.astype(g, xp.float32)
+            res.errors[key] = _rel_err(_to_host(g, key), r)
+        if tracking and not training and (
+            not np.array_equal(_to_host(bn.running_mean, "rm"), state["running_mean"])
+        ):
+            res.error = "eval forward changed the running mean"
+    except Exception as e:  # a crash is a failed case, reported in the table
+        res.error = f"{type(e).__name__}: {e}"
+    return res
+
+
+def run_matrix(
+    names: list[str], *, dtypes: list[str] | None = None, layouts: list[str] | None = None,
+    modes: list[str] | None = None, seed: int = 0,
+) -> tuple[list[CaseResult], dict[str, str]]:
+    """Run every case; returns the results and {backend: reason} for backends that cannot run."""
+    results, skipped = [], {}
+    for name in names:
+        try:
+            b = backends.resolve(name)
+        except backends.BackendUnavailableError as e:
+            skipped[name] = str(e)
+            continue
+        for dtype in _dtypes_of(b):
+            if dtypes and dtype not in dtypes:
+                continue
+            for layout in layouts or LAYOUTS:
+                for mode in modes or MODES:
+                    results.append(run_case(b, dtype, layout, mode, seed))
+    return results, skipped
+
+
+def format_table(results: list[CaseResult]) -> str:
+    head = ["backend", "dtype", "layout", "mode", *QUANTITIES, "tol", "result"]
+    rows = []
+    for r in results:
+        cells = [r.backend, r.dtype, r.layout, r.mode]
+        cells += [f"{r.errors[q]:.1e}" if q in r.errors else "-" for q in QUANTITIES]
+        cells += [f"{r.tolerance:.0e}", "ok" if r.passed else f"FAIL{': ' + r.error if r.error else ''}"]
+        rows.append(cells)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", action="append", default=None,
+                        help="backend to check; repeatable (default: every known backend, "
+                             "those that cannot run here are listed as skipped)")
+    parser.add_argument("--dtype", action="append", choices=list(TOLERANCE), default=None)
+    parser.add_argument("--layout", action="append", choices=list(LAYOUTS), default=None)
+    parser.add_argument("--mode", action="append", choices=list(MODES), default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    names = args.backend or list(backends.KNOWN_BACKENDS)
+    t0 = time.perf_counter()
+    results, skipped = run_matrix(names, dtypes=args.dtype, layouts=args.layout,
+                                  modes=args.mode, seed=args.seed)
+    print(format_table(results))
+    for name, reason in skipped.items():
+        print(f"skipped {name}: {reason}")
+    failed = [r for r in results if not r.passed]
+    print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed "
+          f"({len(skipped)} backends skipped) in {time.perf_counter() - t0:.1f} s")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"results": [asdict(r) | {"passed": r.passed} for r in results],
+                       "skipped": skipped}, fh, indent=1)
+    if not results:
+        print("no case ran: no requested backend is usable here", file=sys.stderr)
+        return 1
+    return 1 if failed else 0
