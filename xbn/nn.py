@@ -1,0 +1,379 @@
+"""Minimal network pieces around xbn's BatchNorm: Linear, ReLU, Sequential and a loss.
+
+Enough to train a small MLP by hand (the ``xbn demo`` does), written against the Python Array
+API so the same code runs on NumPy, CuPy, PyTorch tensors and array-api-strict. Every layer
+follows the protocol of :class:`xbn.BatchNorm`: ``forward(x, training=None)`` caches what its
+``backward(dy)`` needs, ``backward`` returns dx and accumulates parameter gradients into
+``Parameter.grad`` (clear them with the optimizer's ``zero_grad()``), and ``parameters()`` lists
+the :class:`xbn.Parameter` objects an :class:`xbn.optim.SGD` updates.
+
+Initial weights are drawn on the host with NumPy from a seed and only then moved to the backend,
+so a seed gives the same network on every backend, and two networks built from the same seed
+(say, one with BatchNorm between its Linear layers and one without) start from identical
+Linear weights.
+
+Examples
+--------
+>>> import numpy as np, xbn
+>>> from xbn.nn import Linear, ReLU, Sequential, softmax_cross_entropy
+>>> rng = np.random.default_rng(0)
+>>> net = Sequential(
+...     Linear(4, 8, backend="numpy", rng=rng), xbn.BatchNorm1d(8, backend="numpy"), ReLU(),
+...     Linear(8, 3, backend="numpy", rng=rng),
+... )
+>>> x = rng.normal(size=(16, 4)).astype(np.float32)
+>>> labels = rng.integers(0, 3, size=16)
+>>> loss, dlogits = softmax_cross_entropy(net(x), labels)
+>>> dx = net.backward(dlogits)
+>>> [p.shape for p in net.parameters()]
+[(8, 4), (8,), (8,), (8,), (3, 8), (3,)]
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+from typing import Any, Iterable, Iterator
+
+import array_api_compat
+import numpy as np
+
+from .backends import Backend, resolve
+from .layers import BackwardBeforeForwardError, Parameter
+
+Array = Any
+
+__all__ = ["Linear", "ReLU", "Sequential", "softmax_cross_entropy"]
+
+
+def _dtype_of(xp: Any, dtype: Any) -> Any:
+    if isinstance(dtype, str):
+        if not hasattr(xp, dtype):
+            raise ValueError(f"dtype {dtype!r} is not a dtype of this backend")
+        dtype = getattr(xp, dtype)
+    if not xp.isdtype(dtype, "real floating"):
+        raise TypeError(f"dtype must be a real floating dtype such as 'float32', got {dtype!r}")
+    return dtype
+
+
+def _accumulate(p: Parameter, g: Array) -> None:
+    # Gradients add up across backward calls, as in PyTorch and xbn.BatchNorm.
+    p.grad = g if p.grad is None else p.grad + g
+
+
+class Linear:
+    """y = x @ W.T + b for x of shape (N, in_features); W has PyTorch's shape (out, in).
+
+    Initialized as ``torch.nn.Linear`` is: W and b uniform in +-1/sqrt(in_features) (this is
+    Kaiming-uniform with a=sqrt(5)), drawn with NumPy on the host in float64 from ``rng`` (a
+    ``numpy.random.Generator``) or ``seed``, then cast to ``dtype`` and moved to the backend.
+
+    Parameters
+    ----------
+    in_features, out_features
+        Sizes of the input and output feature axes.
+    bias
+        Whether to add a learnable bias.
+    backend, device
+        As for :class:`xbn.BatchNorm`: "auto", "numpy", "cupy", "torch", "array_api_strict",
+        a namespace module, or an example array.
+    dtype
+        dtype of the parameters (inputs must have the same dtype).
+    rng, seed
+        Source of the initial weights: a NumPy Generator (shared by the layers of a network so
+        each draws the next values), else a fresh Generator from ``seed``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from xbn.nn import Linear
+    >>> lin = Linear(3, 2, backend="numpy", seed=0)
+    >>> y = lin(np.ones((5, 3), dtype=np.float32))
+    >>> y.shape, lin.weight.shape, lin.bias.shape
+    ((5, 2), (2, 3), (2,))
+    >>> dx = lin.backward(np.ones_like(y))
+    >>> dx.shape, lin.weight.grad.shape
+    ((5, 3), (2, 3))
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        backend: Any = "auto",
+        device: Any = None,
+        dtype: Any = "float32",
+        rng: np.random.Generator | None = None,
+        seed: int | None = None,
+    ) -> None:
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if rng is not None and seed is not None:
+            raise ValueError("give rng or seed, not both")
+        self._backend: Backend = resolve(backend, device)
+        xp, dev = self._backend.xp, self._backend.device
+        self.in_features, self.out_features = in_features, out_features
+        self._dtype = _dtype_of(xp, dtype)
+        if rng is None:
+            rng = np.random.default_rng(seed)
+        bound = 1.0 / math.sqrt(in_features)
+        w = rng.uniform(-bound, bound, size=(out_features, in_features))
+        self.weight = Parameter(xp.asarray(w, dtype=self._dtype, device=dev))
+        self.bias: Parameter | None = None
+        if bias:
+            b = rng.uniform(-bound, bound, size=(out_features,))
+            self.bias = Parameter(xp.asarray(b, dtype=self._dtype, device=dev))
+        self.training = True
+        self._x: Array | None = None
+
+    @property
+    def xp(self) -> Any:
+        return self._backend.xp
+
+    def train(self, mode: bool = True) -> Linear:
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> Linear:
+        return self.train(False)
+
+    def parameters(self) -> list[Parameter]:
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+    def __call__(self, x: Array, training: bool | None = None) -> Array:
+        return self.forward(x, training=training)
+
+    def forward(self, x: Array, training: bool | None = None) -> Array:
+        """x @ W.T + b; ``training`` is accepted for the layer protocol and has no effect."""
+        b = self._backend
+        if not b.owns(x):
+            raise TypeError(
+                f"input must be an array of the layer's backend {b.name!r}, got {type(x).__name__}"
+            )
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"expected input of shape (N, {self.in_features}), got {tuple(x.shape)}")
+        if x.dtype != self._dtype:
+            raise TypeError(f"input dtype {x.dtype} does not match the layer's dtype {self._dtype}")
+        xp = b.xp
+        y = xp.matmul(x, xp.matrix_transpose(self.weight.data))
+        if self.bias is not None:
+            y = y + self.bias.data
+        self._x = x
+        return y
+
+    def backward(self, dy: Array) -> Array:
+        """dx = dy @ W; accumulates dW = dy.T @ x and db = sum(dy) over the batch."""
+        if self._x is None:
+            raise BackwardBeforeForwardError("backward() needs a preceding forward(); none was run")
+        x, xp = self._x, self._backend.xp
+        if tuple(dy.shape) != (x.shape[0], self.out_features):
+            raise ValueError(
+                f"dy must have shape {(x.shape[0], self.out_features)}, got {tuple(dy.shape)}"
+            )
+        _accumulate(self.weight, xp.matmul(xp.matrix_transpose(dy), x))
+        if self.bias is not None:
+            _accumulate(self.bias, xp.sum(dy, axis=0))
+        return xp.matmul(dy, self.weight.data)
+
+    def __repr__(self) -> str:
+        return (
+            f"Linear({self.in_features}, {self.out_features}, bias={self.bias is not None}, "
+            f"backend={self._backend.name!r})"
+        )
+
+
+class ReLU:
+    """max(x, 0) elementwise; the backward passes dy where x > 0 (the subgradient 0 at x == 0).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from xbn.nn import ReLU
+    >>> relu = ReLU()
+    >>> relu(np.array([-1.0, 0.0, 2.0])).tolist()
+    [0.0, 0.0, 2.0]
+    >>> relu.backward(np.array([5.0, 5.0, 5.0])).tolist()
+    [0.0, 0.0, 5.0]
+    """
+
+    def __init__(self) -> None:
+        self.training = True
+        self._mask: Array | None = None
+
+    def train(self, mode: bool = True) -> ReLU:
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> ReLU:
+        return self.train(False)
+
+    def parameters(self) -> list[Parameter]:
+        return []
+
+    def __call__(self, x: Array, training: bool | None = None) -> Array:
+        return self.forward(x, training=training)
+
+    def forward(self, x: Array, training: bool | None = None) -> Array:
+        xp = array_api_compat.array_namespace(x)
+        # where() rather than x * mask: -1.0 * 0 would give -0.0. zeros_like rather than a Python
+        # scalar 0, which where() accepts only from the 2024.12 standard on.
+        self._mask = x > 0
+        return xp.where(self._mask, x, xp.zeros_like(x))
+
+    def backward(self, dy: Array) -> Array:
+        if self._mask is None:
+            raise BackwardBeforeForwardError("backward() needs a preceding forward(); none was run")
+        if tuple(dy.shape) != tuple(self._mask.shape):
+            raise ValueError(f"dy must have shape {tuple(self._mask.shape)}, got {tuple(dy.shape)}")
+        xp = array_api_compat.array_namespace(dy)
+        return xp.where(self._mask, dy, xp.zeros_like(dy))
+
+    def __repr__(self) -> str:
+        return "ReLU()"
+
+
+def _accepts_training(layer: Any) -> bool:
+    try:
+        return "training" in inspect.signature(layer.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class Sequential:
+    """Layers applied in order; backward runs them in reverse.
+
+    Any object with ``forward`` and ``backward`` is a layer. ``training`` given to
+    ``forward`` is passed on to the layers that take it (BatchNorm does); ``train()`` and
+    ``eval()`` set the mode of every layer that has one.
+
+    Examples
+    --------
+    >>> import numpy as np, xbn
+    >>> from xbn.nn import Linear, ReLU, Sequential
+    >>> net = Sequential(Linear(2, 4, backend="numpy", seed=0), xbn.BatchNorm1d(4, backend="numpy"), ReLU())
+    >>> len(net), len(net.parameters()), net.eval().training, net[1].training
+    (3, 4, False, False)
+    """
+
+    def __init__(self, *layers: Any) -> None:
+        for layer in layers:
+            if not (callable(getattr(layer, "forward", None)) and callable(getattr(layer, "backward", None))):
+                raise TypeError(f"a layer needs forward() and backward(), got {type(layer).__name__}")
+        self.layers = list(layers)
+        self._takes_training = [_accepts_training(layer) for layer in self.layers]
+        self.training = True
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.layers[i]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.layers)
+
+    def train(self, mode: bool = True) -> Sequential:
+        self.training = bool(mode)
+        for layer in self.layers:
+            if hasattr(layer, "train"):
+                layer.train(mode)
+        return self
+
+    def eval(self) -> Sequential:
+        return self.train(False)
+
+    def parameters(self) -> list[Parameter]:
+        params: list[Parameter] = []
+        for layer in self.layers:
+            if hasattr(layer, "parameters"):
+                params.extend(layer.parameters())
+        return params
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    def __call__(self, x: Array, training: bool | None = None) -> Array:
+        return self.forward(x, training=training)
+
+    def forward(self, x: Array, training: bool | None = None) -> Array:
+        for layer, takes in zip(self.layers, self._takes_training):
+            x = layer.forward(x, training=training) if takes and training is not None else layer.forward(x)
+        return x
+
+    def backward(self, dy: Array) -> Array:
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+        return dy
+
+    def __repr__(self) -> str:
+        inner = "".join(f"\n  {layer!r}," for layer in self.layers)
+        return f"Sequential({inner}\n)"
+
+
+def softmax_cross_entropy(logits: Array, labels: Array | Iterable[int], /) -> tuple[Array, Array]:
+    """Mean cross-entropy of softmax(logits) against integer class labels, and its gradient.
+
+    Parameters
+    ----------
+    logits
+        (N, K) real floating array.
+    labels
+        (N,) integer class indices in [0, K), of the logits' namespace or anything ``asarray``
+        takes (a NumPy array or list is moved to the logits' device).
+
+    Returns
+    -------
+    loss
+        0-d array in the logits' dtype: mean over the batch of logsumexp(z) - z[label].
+    dlogits
+        (N, K): (softmax(z) - onehot(label)) / N, the gradient of ``loss``.
+
+    Subtracting the row maximum before exp keeps every exp <= 1, so large logits neither
+    overflow nor lose the loss to inf - inf.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from xbn.nn import softmax_cross_entropy
+    >>> loss, d = softmax_cross_entropy(np.array([[1000.0, 0.0], [0.0, 0.0]]), np.array([0, 1]))
+    >>> round(float(loss), 6), d.round(4).tolist()
+    (0.346574, [[0.0, 0.0], [0.25, -0.25]])
+    """
+    xp = array_api_compat.array_namespace(logits)
+    if logits.ndim != 2:
+        raise ValueError(f"logits must have shape (N, K), got {tuple(logits.shape)}")
+    if not xp.isdtype(logits.dtype, "real floating"):
+        raise TypeError(f"logits must have a real floating dtype, got {logits.dtype}")
+    n, k = logits.shape
+    dev = array_api_compat.device(logits)
+    try:
+        same_ns = array_api_compat.array_namespace(labels) is xp
+    except TypeError:
+        same_ns = False
+    if not same_ns:
+        labels = xp.asarray(np.asarray(labels), device=dev)
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+    if not xp.isdtype(labels.dtype, "integral"):
+        raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    if n == 0:
+        raise ValueError("softmax_cross_entropy needs a non-empty batch")
+    # One host sync per call: an out-of-range label would silently give a wrong loss otherwise.
+    if bool(xp.any((labels < 0) | (labels >= k))):
+        raise ValueError(f"labels must lie in [0, {k})")
+
+    z = logits - xp.max(logits, axis=1, keepdims=True)
+    e = xp.exp(z)
+    sum_e = xp.sum(e, axis=1, keepdims=True)
+    # Built by comparison: take_along_axis is missing from older namespaces.
+    is_label = labels[:, None] == xp.arange(k, dtype=labels.dtype, device=dev)[None, :]
+    # where(), not z * onehot: a logit of -inf elsewhere in the row must not turn 0 * -inf into NaN.
+    z_label = xp.sum(xp.where(is_label, z, xp.zeros_like(z)), axis=1)
+    loss = xp.mean(xp.log(sum_e)[:, 0] - z_label)
+    dlogits = (e / sum_e - xp.astype(is_label, logits.dtype)) / n
+    return loss, dlogits
