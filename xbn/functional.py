@@ -59,8 +59,16 @@ def compute_dtype(dtype: Any, /, *, xp: ModuleType) -> Any:
     return xp.float64 if dtype == xp.float64 else xp.float32
 
 
+def _channel_axis(ndim: int, axis: int) -> int:
+    """``axis`` as an index 0 <= axis < ndim; negative axes count from the end."""
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"channel axis {axis} is out of range for a {ndim}-D array")
+    return axis % ndim
+
+
 def reduction_axes(ndim: int, axis: int, /) -> tuple[int, ...]:
-    """Every axis but the channel axis (``axis`` already normalized to 0 <= axis < ndim)."""
+    """Every axis but the channel axis (negative ``axis`` counts from the end, as everywhere)."""
+    axis = _channel_axis(ndim, axis)
     return tuple(a for a in range(ndim) if a != axis)
 
 
@@ -68,7 +76,7 @@ def per_channel(v: Array, ndim: int, axis: int, /, *, xp: ModuleType | None = No
     """Reshape a (C,) vector so it broadcasts along ``axis`` of an ``ndim``-dimensional array."""
     xp = _ns(xp, v)
     shape = [1] * ndim
-    shape[axis] = v.shape[0]
+    shape[_channel_axis(ndim, axis)] = v.shape[0]
     return xp.reshape(v, tuple(shape))
 
 
@@ -331,6 +339,7 @@ def batch_norm_backward(
 
 def values_per_channel(shape: tuple[int, ...], axis: int, /) -> int:
     """M: the number of values each channel's statistics are taken over (numel / C)."""
+    axis = _channel_axis(len(shape), axis)
     count = 1
     for i, n in enumerate(shape):
         if i != axis:
