@@ -420,7 +420,12 @@ class BatchNorm:
                 raise ValueError(f"{key} must have shape ({self.num_features},), got {host.shape}")
             new[key] = host
         xp, dev, dt = self._backend.xp, self._backend.device, self._dtype
-        arrays = {k: xp.asarray(v, dtype=dt, device=dev) for k, v in new.items() if k != "num_batches_tracked"}
+        # copy=True: the values may share memory with their source (torch's state_dict().numpy()
+        # does), and an in-place update there must not reach into this layer.
+        arrays = {
+            k: xp.asarray(v, dtype=dt, device=dev, copy=True)
+            for k, v in new.items() if k != "num_batches_tracked"
+        }
         if self.affine:
             self.weight.data, self.bias.data = arrays["weight"], arrays["bias"]  # type: ignore[union-attr]
         if self.track_running_stats:
@@ -449,7 +454,11 @@ def _to_host(value: Any, key: str) -> np.ndarray:
         return np.asarray(value)
     except Exception:
         pass
-    try:  # other namespaces, e.g. array-api-strict, through DLPack on the CPU
+    try:  # other namespaces on a host device, e.g. array-api-strict (any of its devices)
+        return np.from_dlpack(value)
+    except Exception:
+        pass
+    try:  # device arrays that can move to "cpu" themselves, e.g. torch on CUDA
         return np.from_dlpack(array_api_compat.to_device(value, "cpu"))
     except Exception as e:
         raise TypeError(f"{key}: cannot read an array of type {type(value).__name__} ({e})") from e
