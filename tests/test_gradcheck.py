@@ -1,0 +1,102 @@
+"""Analytic gradients against central finite differences, in float64, on every tier.
+
+The loss is L = sum(y * R) for a fixed random R, so dL/dy = R is what backward receives.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import xbn
+
+import reference as ref
+from reference import assert_close, to_backend, to_numpy
+
+LAYOUTS = [
+    (xbn.BatchNorm1d, {}, (5, 3), 1),
+    (xbn.BatchNorm1d, {}, (3, 2, 4), 1),
+    (xbn.BatchNorm2d, {}, (2, 3, 2, 3), 1),
+    (xbn.BatchNorm, {"axis": -1}, (2, 3, 2, 3), -1),
+    (xbn.BatchNorm3d, {}, (2, 2, 2, 2, 3), 1),
+]
+IDS = ["1d-NC", "1d-NCL", "2d-NCHW", "NHWC", "3d"]
+H = 1e-6
+TOL = 1e-6  # central differences with h = 1e-6 in float64: error ~1e-9 relative
+
+
+def _fd(f, a):
+    """Central-difference gradient of the scalar function f at the float64 array a."""
+    g = np.empty_like(a)
+    for i in np.ndindex(a.shape):
+        old = a[i]
+        a[i] = old + H
+        fp = f(a)
+        a[i] = old - H
+        fm = f(a)
+        a[i] = old
+        g[i] = (fp - fm) / (2 * H)
+    return g
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "untracked-eval"])
+@pytest.mark.parametrize("cls,kw,shape,axis", LAYOUTS, ids=IDS)
+def test_finite_differences(backend, cls, kw, shape, axis, mode):
+    c = shape[axis]
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.3, 1.5, size=shape)
+    r = rng.normal(size=shape)
+    w = rng.uniform(0.5, 1.5, c)
+    b = rng.normal(size=c)
+    bn = cls(c, **kw, eps=1e-3, backend=backend.name, dtype="float64",
+             track_running_stats=(mode != "untracked-eval"))
+    if mode == "eval":
+        bn.running_mean = to_backend(backend, rng.normal(size=c))
+        bn.running_var = to_backend(backend, rng.uniform(0.5, 2.0, c))
+    training = mode == "train"
+    bn.train(training)
+    xp, dev = backend.xp, backend.device
+    R = to_backend(backend, r)
+
+    def loss(x_=None, w_=None, b_=None):
+        bn.weight.data = xp.asarray(w if w_ is None else w_, device=dev)
+        bn.bias.data = xp.asarray(b if b_ is None else b_, device=dev)
+        y = bn.forward(to_backend(backend, x if x_ is None else x_), training=training)
+        return float(np.sum(to_numpy(y) * r))
+
+    num_dx = _fd(lambda a: loss(x_=a), x.copy())
+    num_dw = _fd(lambda a: loss(w_=a), w.copy())
+    num_db = _fd(lambda a: loss(b_=a), b.copy())
+
+    loss()  # the unperturbed forward, then its backward
+    bn.zero_grad()
+    dx = bn.backward(R)
+    assert_close(to_numpy(dx), num_dx, TOL, "dx")
+    assert_close(to_numpy(bn.weight.grad), num_dw, TOL, "dgamma")
+    assert_close(to_numpy(bn.bias.grad), num_db, TOL, "dbeta")
+    # the finite differences also confirm the reference itself
+    kwargs = dict(axis=axis, weight=w, eps=1e-3, use_batch_stats=(mode != "eval"))
+    if mode == "eval":
+        kwargs.update(running_mean=to_numpy(bn.running_mean), running_var=to_numpy(bn.running_var))
+    g = ref.backward(r, x, **kwargs)
+    assert_close(g["dx"], num_dx, TOL, "reference dx")
+    assert_close(g["dgamma"], num_dw, TOL, "reference dgamma")
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_finite_differences_affine_false(backend, mode):
+    shape = (4, 3, 2)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=shape)
+    r = rng.normal(size=shape)
+    bn = xbn.BatchNorm1d(3, affine=False, backend=backend.name, dtype="float64")
+    bn.running_var = to_backend(backend, np.array([0.5, 1.0, 2.0]))
+    training = mode == "train"
+
+    def loss(a):
+        return float(np.sum(to_numpy(bn.forward(to_backend(backend, a), training=training)) * r))
+
+    num_dx = _fd(loss, x.copy())
+    bn.forward(to_backend(backend, x), training=training)
+    dx = bn.backward(to_backend(backend, r))
+    assert_close(to_numpy(dx), num_dx, TOL, "dx")
