@@ -1,0 +1,239 @@
+// Backward reduction: per channel sum(dy) and sum(dy * (x - mean)), accumulated in acc_t
+// (float32 for float32/float16/bfloat16 input, float64 for float64). No floating-point atomics:
+// each block writes its two partial sums to a workspace slot of its own, and the last block to
+// finish (threadfence + counter) adds the slots up in slot order, so results are bitwise
+// reproducible run after run.
+//
+// Entry points (v1: scalar loads; vw: 16-byte vectors):
+//   xbn_backward_reduce_ncl_{v1,vw}  (N, C, S); grid (C, parts), block (threads, 1, 1)
+//   xbn_backward_reduce_nlc_{v1,vw}  (R, C);    grid (ceil(C / W / TX), parts), block (TX, TY)
+
+#include "xbn_common.cuh"
+
+template <int W>
+__device__ __forceinline__ void xbn_backward_reduce_ncl(
+    const xbn_t* __restrict__ dy, const xbn_t* __restrict__ x, const acc_t* __restrict__ mean,
+    acc_t* __restrict__ sum_dy_out, acc_t* __restrict__ sum_dy_xmu_out,
+    acc_t* __restrict__ ws_dy, acc_t* __restrict__ ws_dy_xmu, unsigned int* __restrict__ counters,
+    int n_outer, int channels, int sv, int chunk) {
+    const int c = blockIdx.x;
+    const int part = blockIdx.y;
+    const int parts = gridDim.y;
+    const int mv = n_outer * sv;
+    const int begin = part * chunk;
+    const int end = min(begin + chunk, mv);
+    const int csv = channels * sv;
+    const xbn_vec<W>* dyc = reinterpret_cast<const xbn_vec<W>*>(dy) + c * sv;
+    const xbn_vec<W>* xc = reinterpret_cast<const xbn_vec<W>*>(x) + c * sv;
+    const acc_t mu = mean[c];
+
+    acc_t s_dy = 0, s_dy_xmu = 0;
+    int m = begin + (int)threadIdx.x;
+    xbn_ncl_walk walk(m, (int)blockDim.x, sv);
+    while (m < end) {
+        xbn_vec<W> bdy[XBN_UNROLL], bx[XBN_UNROLL];
+        int k = 0;
+#pragma unroll
+        for (int u = 0; u < XBN_UNROLL; ++u) {
+            if (m < end) {
+                const int off = walk.offset(csv);
+                bdy[u] = dyc[off];
+                bx[u] = xc[off];
+                k = u + 1;
+            }
+            m += (int)blockDim.x;
+            walk.advance();
+        }
+#pragma unroll
+        for (int u = 0; u < XBN_UNROLL; ++u) {
+            if (u < k) {
+#pragma unroll
+                for (int w = 0; w < W; ++w) {
+                    const acc_t g = xbn_load_acc(bdy[u].v[w]);
+                    s_dy += g;
+                    s_dy_xmu += g * (xbn_load_acc(bx[u].v[w]) - mu);
+                }
+            }
+        }
+    }
+
+    xbn_block_sum2(s_dy, s_dy_xmu);
+    if (parts == 1) {
+        if (threadIdx.x == 0) {
+            sum_dy_out[c] = s_dy;
+            sum_dy_xmu_out[c] = s_dy_xmu;
+        }
+        return;
+    }
+    if (threadIdx.x == 0) {
+        ws_dy[c * parts + part] = s_dy;
+        ws_dy_xmu[c * parts + part] = s_dy_xmu;
+        __threadfence();
+    }
+    if (!xbn_arrive_last(counters + c, (unsigned int)parts)) return;
+
+    s_dy = 0;
+    s_dy_xmu = 0;
+    for (int i = (int)threadIdx.x; i < parts; i += (int)blockDim.x) {
+        s_dy += xbn_ld_cg(ws_dy + c * parts + i);
+        s_dy_xmu += xbn_ld_cg(ws_dy_xmu + c * parts + i);
+    }
+    xbn_block_sum2(s_dy, s_dy_xmu);
+    if (threadIdx.x == 0) {
+        sum_dy_out[c] = s_dy;
+        sum_dy_xmu_out[c] = s_dy_xmu;
+    }
+    xbn_release_counter(counters + c);
+}
+
+// Sum the (TX, TY) threads' W-channel pairs down the y axis in a fixed tree; the result for
+// column tx is in thread (tx, 0). TY is a power of two. Every thread must call it.
+template <int W>
+__device__ __forceinline__ void xbn_column_sum2(acc_t (&a)[W], acc_t (&b)[W]) {
+    __shared__ acc_t s_a[XBN_MAX_THREADS * W];
+    __shared__ acc_t s_b[XBN_MAX_THREADS * W];
+    const int tid = (int)(threadIdx.y * blockDim.x + threadIdx.x);
+    for (int half = (int)blockDim.y >> 1; half > 0; half >>= 1) {
+        __syncthreads();
+        if ((int)threadIdx.y >= half && (int)threadIdx.y < 2 * half) {
+#pragma unroll
+            for (int w = 0; w < W; ++w) {
+                s_a[tid * W + w] = a[w];
+                s_b[tid * W + w] = b[w];
+            }
+        }
+        __syncthreads();
+        if ((int)threadIdx.y < half) {
+            const int other = tid + half * (int)blockDim.x;
+#pragma unroll
+            for (int w = 0; w < W; ++w) {
+                a[w] += s_a[other * W + w];
+                b[w] += s_b[other * W + w];
+            }
+        }
+    }
+}
+
+template <int W>
+__device__ __forceinline__ void xbn_backward_reduce_nlc(
+    const xbn_t* __restrict__ dy, const xbn_t* __restrict__ x, const acc_t* __restrict__ mean,
+    acc_t* __restrict__ sum_dy_out, acc_t* __restrict__ sum_dy_xmu_out,
+    acc_t* __restrict__ ws_dy, acc_t* __restrict__ ws_dy_xmu, unsigned int* __restrict__ counters,
+    int rows, int cvs, int chunk_rows) {
+    const int cv = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    const bool active = cv < cvs;
+    const int part = blockIdx.y;
+    const int parts = gridDim.y;
+    const int r_begin = part * chunk_rows;
+    const int r_end = min(r_begin + chunk_rows, rows);
+    const int ty = (int)threadIdx.y;
+    const int tys = (int)blockDim.y;
+    const xbn_vec<W>* dyv = reinterpret_cast<const xbn_vec<W>*>(dy);
+    const xbn_vec<W>* xv = reinterpret_cast<const xbn_vec<W>*>(x);
+
+    acc_t s_dy[W], s_dy_xmu[W], mu[W];
+#pragma unroll
+    for (int w = 0; w < W; ++w) {
+        s_dy[w] = 0;
+        s_dy_xmu[w] = 0;
+        mu[w] = active ? mean[cv * W + w] : (acc_t)0;
+    }
+    if (active) {
+        for (int r = r_begin + ty; r < r_end; r += XBN_UNROLL * tys) {
+            xbn_vec<W> bdy[XBN_UNROLL], bx[XBN_UNROLL];
+            int k = 0;
+#pragma unroll
+            for (int u = 0; u < XBN_UNROLL; ++u) {
+                const int rr = r + u * tys;
+                if (rr < r_end) {
+                    bdy[u] = dyv[rr * cvs + cv];
+                    bx[u] = xv[rr * cvs + cv];
+                    k = u + 1;
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < XBN_UNROLL; ++u) {
+                if (u < k) {
+#pragma unroll
+                    for (int w = 0; w < W; ++w) {
+                        const acc_t g = xbn_load_acc(bdy[u].v[w]);
+                        s_dy[w] += g;
+                        s_dy_xmu[w] += g * (xbn_load_acc(bx[u].v[w]) - mu[w]);
+                    }
+                }
+            }
+        }
+    }
+
+    xbn_column_sum2<W>(s_dy, s_dy_xmu);
+    if (parts == 1) {
+        if (ty == 0 && active) {
+#pragma unroll
+            for (int w = 0; w < W; ++w) {
+                sum_dy_out[cv * W + w] = s_dy[w];
+                sum_dy_xmu_out[cv * W + w] = s_dy_xmu[w];
+            }
+        }
+        return;
+    }
+    if (ty == 0 && active) {
+        const int slot = part * cvs + cv;
+#pragma unroll
+        for (int w = 0; w < W; ++w) {
+            ws_dy[slot * W + w] = s_dy[w];
+            ws_dy_xmu[slot * W + w] = s_dy_xmu[w];
+        }
+        __threadfence();
+    }
+    if (!xbn_arrive_last(counters + blockIdx.x, (unsigned int)parts)) return;
+
+#pragma unroll
+    for (int w = 0; w < W; ++w) {
+        s_dy[w] = 0;
+        s_dy_xmu[w] = 0;
+    }
+    if (active) {
+        for (int i = ty; i < parts; i += tys) {
+            const int slot = i * cvs + cv;
+#pragma unroll
+            for (int w = 0; w < W; ++w) {
+                s_dy[w] += xbn_ld_cg(ws_dy + slot * W + w);
+                s_dy_xmu[w] += xbn_ld_cg(ws_dy_xmu + slot * W + w);
+            }
+        }
+    }
+    xbn_column_sum2<W>(s_dy, s_dy_xmu);
+    if (ty == 0 && active) {
+#pragma unroll
+        for (int w = 0; w < W; ++w) {
+            sum_dy_out[cv * W + w] = s_dy[w];
+            sum_dy_xmu_out[cv * W + w] = s_dy_xmu[w];
+        }
+    }
+    xbn_release_counter(counters + blockIdx.x);
+}
+
+#define XBN_BACKWARD_REDUCE_ENTRIES(SUFFIX, W)                                                 \
+    extern "C" __global__ void __launch_bounds__(XBN_MAX_THREADS)                             \
+        xbn_backward_reduce_ncl_##SUFFIX(                                                      \
+            const xbn_t* __restrict__ dy, const xbn_t* __restrict__ x,                         \
+            const acc_t* __restrict__ mean, acc_t* __restrict__ sum_dy_out,                    \
+            acc_t* __restrict__ sum_dy_xmu_out, acc_t* __restrict__ ws_dy,                     \
+            acc_t* __restrict__ ws_dy_xmu, unsigned int* __restrict__ counters, int n_outer,   \
+            int channels, int sv, int chunk) {                                                 \
+        xbn_backward_reduce_ncl<W>(dy, x, mean, sum_dy_out, sum_dy_xmu_out, ws_dy, ws_dy_xmu,  \
+                                   counters, n_outer, channels, sv, chunk);                    \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(XBN_MAX_THREADS)                             \
+        xbn_backward_reduce_nlc_##SUFFIX(                                                      \
+            const xbn_t* __restrict__ dy, const xbn_t* __restrict__ x,                         \
+            const acc_t* __restrict__ mean, acc_t* __restrict__ sum_dy_out,                    \
+            acc_t* __restrict__ sum_dy_xmu_out, acc_t* __restrict__ ws_dy,                     \
+            acc_t* __restrict__ ws_dy_xmu, unsigned int* __restrict__ counters, int rows,      \
+            int cvs, int chunk_rows) {                                                         \
+        xbn_backward_reduce_nlc<W>(dy, x, mean, sum_dy_out, sum_dy_xmu_out, ws_dy, ws_dy_xmu,  \
+                                   counters, rows, cvs, chunk_rows);                           \
+    }
+
+XBN_BACKWARD_REDUCE_ENTRIES(v1, 1)
+XBN_BACKWARD_REDUCE_ENTRIES(vw, XBN_WIDE)
