@@ -1,0 +1,286 @@
+"""Launch configuration of the CUDA kernels: plain Python, no CuPy, unit-tested on the CPU.
+
+Everything the CuPy wrappers decide before a launch lives here: which layout an array is seen
+in (or why it falls back to the generic path), the vector width, the grid and block shapes,
+and the workspace sizes. :mod:`xbn.kernels.cupy` only reads pointers and device properties and
+hands them to these functions.
+
+Layouts. A C-contiguous array with channel axis ``a`` is the 3-D view
+(outer, C, inner) = (prod(shape[:a]), shape[a], prod(shape[a+1:])). The kernels see it as
+
+* ``"ncl"``, channel-major (N, C, S): grid (C, parts), a block per slice of one channel, its
+  threads walking the N planes of S contiguous values; used when S > 1 (NCHW, (N, C, L), NCDHW,
+  and any other channel axis of a contiguous array), and for C == 1 as (1, 1, numel);
+* ``"nlc"``, channels-last (R, C): grid (ceil(C / W / TX), parts), threads across C (TX) and
+  rows (TY), blocks across rows; used when S == 1 (NHWC, (N, C) 2-D).
+
+Examples
+--------
+>>> from xbn.kernels._launch import plan_layout, plan
+>>> plan_layout((8, 64, 56, 56), 1, c_contiguous=True)
+Layout(kind='ncl', outer=8, channels=64, inner=3136)
+>>> plan_layout((4096, 1024), 1, c_contiguous=True)
+Layout(kind='nlc', outer=4096, channels=1024, inner=1)
+>>> plan_layout((8, 64, 56, 56), 1, c_contiguous=False).reason
+'not C-contiguous'
+>>> p = plan("backward_reduce", plan_layout((32, 64, 56, 56), 1, c_contiguous=True), 4,
+...          sm_count=132, threads_per_sm=1024)
+>>> p.kernel, p.grid, p.block
+('xbn_backward_reduce_ncl_vw', (64, 8, 1), (256, 1, 1))
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Iterable
+
+__all__ = [
+    "MAX_THREADS",
+    "UNROLL",
+    "VECTOR_BYTES",
+    "MAX_GRID_X",
+    "MAX_GRID_Y",
+    "INDEX_LIMIT",
+    "OPS",
+    "REDUCTIONS",
+    "DTYPES",
+    "Layout",
+    "Fallback",
+    "LaunchPlan",
+    "dtype_key",
+    "accumulator_dtype",
+    "plan_layout",
+    "vector_width",
+    "plan",
+    "next_pow2",
+]
+
+#: Threads per block, at most; the kernels' shared-memory tiles are sized by it (XBN_MAX_THREADS).
+MAX_THREADS = 256
+#: Independent vector loads per thread before the first use (XBN_UNROLL in the .cu files).
+UNROLL = 4
+#: Wide vectors move 16 bytes: float4, double2, 8 halves.
+VECTOR_BYTES = 16
+MAX_GRID_X = 2**31 - 1
+MAX_GRID_Y = 65535
+#: The kernels index with 32-bit ints; a thread's last group may run up to UNROLL blocks past
+#: the end before its bound check, so arrays stay this far below 2**31 elements.
+INDEX_LIMIT = 2**31 - 2**24
+#: Threads an SM keeps resident on sm_80 / sm_90 (the default when the device is not asked).
+THREADS_PER_SM = 2048
+
+#: Kernel families, one per op of :data:`xbn.backends.OP_NAMES` (``stats`` is ``batch_stats``).
+OPS = ("stats", "backward_reduce", "scale_shift", "backward_apply")
+#: The families with a grid reduction (workspace and counters when parts > 1).
+REDUCTIONS = ("stats", "backward_reduce")
+#: CUDA source of each family.
+SOURCE_OF = {
+    "stats": "bn_stats.cu",
+    "backward_reduce": "bn_backward_reduce.cu",
+    "scale_shift": "bn_elementwise.cu",
+    "backward_apply": "bn_elementwise.cu",
+}
+
+#: Input dtype name -> (compile key, accumulator dtype name). The key selects -DXBN_DTYPE_<KEY>.
+DTYPES = {
+    "float32": ("f32", "float32"),
+    "float64": ("f64", "float64"),
+    "float16": ("f16", "float32"),
+    "bfloat16": ("bf16", "float32"),
+}
+
+
+def dtype_key(name: str) -> str | None:
+    """The compile key of an input dtype ("f32", "f64", "f16", "bf16"), None if unsupported."""
+    entry = DTYPES.get(str(name))
+    return None if entry is None else entry[0]
+
+
+def accumulator_dtype(name: str) -> str | None:
+    """The dtype the kernels accumulate in, and every per-channel vector must have."""
+    entry = DTYPES.get(str(name))
+    return None if entry is None else entry[1]
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a kernel sees an array: ``kind`` "ncl" (outer=N, inner=S) or "nlc" (outer=R, inner=1)."""
+
+    kind: str
+    outer: int
+    channels: int
+    inner: int
+
+    @property
+    def numel(self) -> int:
+        return self.outer * self.channels * self.inner
+
+    @property
+    def count(self) -> int:
+        """Values per channel (M)."""
+        return self.outer * self.inner
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """The kernels do not take this input; the generic :mod:`xbn.functional` path does."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """One kernel launch: function name, grid, block, the trailing int arguments, workspace."""
+
+    kernel: str
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    args: tuple[int, ...]
+    #: Blocks that share a channel's reduction (grid[1]); 1 means no workspace and no counters.
+    parts: int
+    #: acc_t slots per partial array (C * parts), 0 without a grid reduction.
+    workspace: int
+    #: Zeroed unsigned counters the launch needs (one per grid column), 0 without.
+    counters: int
+
+
+def plan_layout(shape: Iterable[int], axis: int, *, c_contiguous: bool) -> Layout | Fallback:
+    """The layout the kernels see ``shape`` in with channel axis ``axis``, or why they do not.
+
+    Only C-contiguous arrays are viewed (strided, Fortran-ordered or transposed inputs go to the
+    generic path, which handles any strides). Empty arrays and arrays of INDEX_LIMIT elements or
+    more fall back too.
+    """
+    shape = tuple(int(n) for n in shape)
+    ndim = len(shape)
+    if ndim == 0:
+        return Fallback("0-d input has no channel axis")
+    if not -ndim <= axis < ndim:
+        return Fallback(f"axis {axis} out of range for {ndim}-D input")
+    axis %= ndim
+    numel = 1
+    for n in shape:
+        numel *= n
+    if numel == 0:
+        return Fallback("empty input")
+    if numel >= INDEX_LIMIT:
+        return Fallback(f"{numel} elements: more than the kernels' 32-bit indexing allows")
+    if not c_contiguous:
+        return Fallback("not C-contiguous")
+    outer = 1
+    for n in shape[:axis]:
+        outer *= n
+    inner = 1
+    for n in shape[axis + 1:]:
+        inner *= n
+    channels = shape[axis]
+    if channels == 1:
+        return Layout("ncl", 1, 1, numel)
+    if inner == 1:
+        return Layout("nlc", outer, channels, 1)
+    return Layout("ncl", outer, channels, inner)
+
+
+def vector_width(layout: Layout, itemsize: int, pointers: Iterable[int] = ()) -> int:
+    """Elements per load: 16 bytes' worth when every pointer is 16-byte aligned and the
+    contiguous run (S for ncl, C for nlc) is a multiple of it, so no vector crosses a channel
+    (nlc) or a plane (ncl) and every vector address stays aligned; else 1.
+    """
+    wide = max(1, VECTOR_BYTES // int(itemsize))
+    run = layout.inner if layout.kind == "ncl" else layout.channels
+    if wide > 1 and run % wide == 0 and all(int(p) % VECTOR_BYTES == 0 for p in pointers):
+        return wide
+    return 1
+
+
+@functools.lru_cache(maxsize=4096)
+def plan(
+    op: str,
+    layout: Layout,
+    vec: int,
+    *,
+    sm_count: int,
+    threads_per_sm: int = THREADS_PER_SM,
+) -> LaunchPlan:
+    """Grid, block and workspace of kernel family ``op`` for ``layout`` with vector width ``vec``.
+
+    ``threads_per_sm`` is how many threads of this kernel an SM keeps resident (the occupancy
+    the device reports for it, at most 2048 on sm_80/sm_90). Reductions aim at exactly one full
+    wave: a channel is split into ``parts`` blocks only while C * parts blocks still fit on the
+    GPU at once (small C, large N*S), so no second, mostly empty wave doubles the time, and never
+    into slices thinner than one unrolled group per thread. Elementwise launches give each thread
+    one unrolled group (many small blocks, so a ragged last wave costs little), capped by the
+    grid's y limit.
+    """
+    if op not in OPS:
+        raise ValueError(f"unknown kernel family {op!r}; expected one of {OPS}")
+    reduction = op in REDUCTIONS
+    suffix = "vw" if vec > 1 else "v1"
+    c = layout.channels
+    if layout.kind == "ncl":
+        if layout.inner % vec:
+            raise ValueError(f"vector width {vec} does not divide S={layout.inner}")
+        sv = layout.inner // vec
+        mv = layout.outer * sv
+        threads = min(MAX_THREADS, max(32, next_pow2(_cdiv(mv, UNROLL))))
+        group = threads * UNROLL
+        if reduction:
+            wave = sm_count * max(1, threads_per_sm // threads)
+            parts = min(wave // c, _cdiv(mv, group))
+        else:
+            parts = _cdiv(mv, group)
+        parts = max(1, min(parts, MAX_GRID_Y))
+        chunk = _cdiv(mv, parts)
+        parts = _cdiv(mv, chunk)
+        if c > MAX_GRID_X:
+            raise ValueError(f"C={c} exceeds the grid's x limit")
+        grid = (c, parts, 1)
+        block = (threads, 1, 1)
+        args = (layout.outer, c, sv, chunk)
+        columns = c
+    elif layout.kind == "nlc":
+        if c % vec:
+            raise ValueError(f"vector width {vec} does not divide C={c}")
+        cvs = c // vec
+        rows = layout.outer
+        tx = min(32, next_pow2(cvs))
+        # Rows per block: as many as fill MAX_THREADS, fewer for short inputs (still >= a warp).
+        ty_cap = MAX_THREADS // tx
+        ty_need = next_pow2(_cdiv(rows, UNROLL))
+        ty = min(ty_cap, max(ty_need, max(1, 32 // tx)))
+        gx = _cdiv(cvs, tx)
+        group = ty * UNROLL
+        if reduction:
+            wave = sm_count * max(1, threads_per_sm // (tx * ty))
+            parts = min(wave // gx, _cdiv(rows, group))
+        else:
+            parts = _cdiv(rows, group)
+        parts = max(1, min(parts, MAX_GRID_Y))
+        chunk = _cdiv(rows, parts)
+        parts = _cdiv(rows, chunk)
+        grid = (gx, parts, 1)
+        block = (tx, ty, 1)
+        args = (rows, cvs, chunk)
+        columns = gx
+    else:
+        raise ValueError(f"unknown layout kind {layout.kind!r}")
+    split = reduction and parts > 1
+    return LaunchPlan(
+        kernel=f"xbn_{op}_{layout.kind}_{suffix}",
+        grid=grid,
+        block=block,
+        args=args,
+        parts=parts,
+        workspace=c * parts if split else 0,
+        counters=columns if split else 0,
+    )
