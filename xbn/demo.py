@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
           f"SGD momentum 0.9, batch {args.batch_size}, {args.epochs} epochs, "
           f"backend {backend.name}, seed {args.seed}")
     results = []
-    # One CPU thread for BLAS and OpenMP: these matrices are at most 1347 x 128, too small for
+    # One CPU thread for BLAS and OpenMP: these matrices are at most 450 x 128, too small for
     # threads to pay off, and on a busy machine threaded BLAS ran this demo 8x slower. One
     # thread also makes every sum add up in the same order, so a seed gives the same numbers.
     with threadpoolctl.threadpool_limits(limits=1):
