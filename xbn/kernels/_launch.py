@@ -48,6 +48,8 @@ __all__ = [
     "Layout",
     "Fallback",
     "LaunchPlan",
+    "ARGUMENTS",
+    "arguments",
     "dtype_key",
     "accumulator_dtype",
     "plan_layout",
@@ -80,6 +82,17 @@ SOURCE_OF = {
     "backward_reduce": "bn_backward_reduce.cu",
     "scale_shift": "bn_elementwise.cu",
     "backward_apply": "bn_elementwise.cu",
+}
+
+#: The leading arguments of each family's kernels, in order (the plan's ints follow them):
+#: arrays, except ``has_shift`` (an int: 0 when scale_shift has no shift). ``ws_*`` are the
+#: grid reduction's partials (``workspace`` slots each; ``ws_n`` int32) and ``counters`` its
+#: zeroed uint32 counters; with ``parts == 1`` the kernels never touch either.
+ARGUMENTS = {
+    "stats": ("x", "mean", "var", "ws_a", "ws_b", "ws_n", "counters"),
+    "backward_reduce": ("dy", "x", "mean", "sum_dy", "sum_dy_xmu", "ws_a", "ws_b", "counters"),
+    "scale_shift": ("x", "scale", "shift", "has_shift", "y"),
+    "backward_apply": ("dy", "x", "mean", "k_dy", "k_xmu", "k_const", "dx"),
 }
 
 #: Input dtype name -> (compile key, accumulator dtype name). The key selects -DXBN_DTYPE_<KEY>.
@@ -284,3 +297,19 @@ def plan(
         workspace=c * parts if split else 0,
         counters=columns if split else 0,
     )
+
+
+def arguments(op: str, plan: LaunchPlan, values: dict[str, object]) -> tuple[object, ...]:
+    """The kernel's full argument tuple: ``values`` in the order of ARGUMENTS[op], then the
+    plan's ints (every int argument of the kernels is a C ``int``).
+
+    >>> p = LaunchPlan("k", (1, 1, 1), (32, 1, 1), (2, 3, 4, 5), 1, 0, 0)
+    >>> arguments("scale_shift", p, {"x": "X", "scale": "A", "shift": "B", "has_shift": 1, "y": "Y"})
+    ('X', 'A', 'B', 1, 'Y', 2, 3, 4, 5)
+    """
+    names = ARGUMENTS[op]
+    missing = [n for n in names if n not in values]
+    extra = [n for n in values if n not in names]
+    if missing or extra:
+        raise ValueError(f"{op}: missing arguments {missing}, unexpected {extra}")
+    return tuple(values[n] for n in names) + tuple(plan.args)

@@ -34,7 +34,11 @@ typedef float acc_t;
 __device__ __forceinline__ acc_t xbn_load_acc(xbn_t v);
 __device__ __forceinline__ xbn_t xbn_store_acc(acc_t v);
 
-#if defined(XBN_DTYPE_F16)
+#if defined(XBN_DTYPE_F16) && defined(XBN_HOST_EMULATION)
+// tests/cuda_host compiles these kernels as C++ on the CPU; its header supplies the conversions.
+__device__ __forceinline__ float xbn_load_acc(unsigned short h) { return xbn_host_half_to_float(h); }
+__device__ __forceinline__ unsigned short xbn_store_acc(float f) { return xbn_host_float_to_half(f); }
+#elif defined(XBN_DTYPE_F16)
 __device__ __forceinline__ float xbn_load_acc(unsigned short h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
