@@ -90,6 +90,9 @@ def batch_stats(x: Array, /, *, axis: int, xp: ModuleType | None = None) -> tupl
 
     Two passes (mean, then the mean of centered squares): E[x^2] - E[x]^2 cancels
     catastrophically in float32 when |mean| >> std (x = 1e4 + N(0, 1) loses every digit).
+    Both passes run on x shifted by each channel's first value, so a constant channel gets
+    exactly its value as mean and exactly 0 as variance (sum(c) / M rounds for most c), and
+    a large common offset costs no digits in the mean.
 
     Examples
     --------
@@ -101,11 +104,16 @@ def batch_stats(x: Array, /, *, axis: int, xp: ModuleType | None = None) -> tupl
     """
     xp = _ns(xp, x)
     xc = _as_compute(x, xp)
+    axis = _channel_axis(x.ndim, axis)
     axes = reduction_axes(x.ndim, axis)
-    mean = xp.mean(xc, axis=axes)
-    centered = xc - per_channel(mean, x.ndim, axis, xp=xp)
+    first = None
+    if values_per_channel(tuple(x.shape), axis) > 0:
+        first = xc[tuple(slice(None) if a == axis else 0 for a in range(x.ndim))]
+        xc = xc - per_channel(first, x.ndim, axis, xp=xp)
+    shifted_mean = xp.mean(xc, axis=axes)
+    centered = xc - per_channel(shifted_mean, x.ndim, axis, xp=xp)
     var = xp.mean(centered * centered, axis=axes)
-    return mean, var
+    return (shifted_mean if first is None else first + shifted_mean), var
 
 
 def invstd(var: Array, /, *, eps: float, xp: ModuleType | None = None) -> Array:
@@ -121,11 +129,19 @@ def scale_shift_coefficients(
     bias: Array | None,
     /,
     *,
+    var: Array | None = None,
     xp: ModuleType | None = None,
 ) -> tuple[Array, Array]:
-    """Per-channel (scale, shift) with y = x * scale + shift = (x - mean) * inv * weight + bias."""
+    """Per-channel (scale, shift) with y = x * scale + shift = (x - mean) * inv * weight + bias.
+
+    ``var``, the batch variance the mean came with, marks constant channels: var == 0 exactly
+    means every x equals the mean, so (x - mean) * inv is exactly 0 and y is exactly the bias;
+    scale 0 gives that, where x * scale + shift would round to ulp(mean * inv) ~ 300 ulp(mean).
+    """
     xp = _ns(xp, mean, inv)
     scale = inv if weight is None else inv * xp.astype(weight, inv.dtype)
+    if var is not None:
+        scale = xp.where(var == 0, xp.zeros_like(scale), scale)
     shift = -mean * scale
     if bias is not None:
         shift = shift + xp.astype(bias, inv.dtype)
@@ -246,6 +262,7 @@ def normalize(
     /,
     *,
     axis: int,
+    var: Array | None = None,
     xp: ModuleType | None = None,
     ops: Any = None,
 ) -> Array:
@@ -253,10 +270,12 @@ def normalize(
 
     ``ops`` (an object with the op names of :data:`xbn.backends.OP_NAMES` as attributes, such as
     a :class:`xbn.backends.Ops`) supplies fast paths; by default the functions of this module.
+    ``var``: the batch variance, when mean and inv are batch statistics (constant channels then
+    give exactly the bias; see :func:`scale_shift_coefficients`).
     """
     xp = _ns(xp, x)
     ops = _GENERIC if ops is None else ops
-    scale, shift = scale_shift_coefficients(mean, inv, weight, bias, xp=xp)
+    scale, shift = scale_shift_coefficients(mean, inv, weight, bias, var=var, xp=xp)
     return ops.scale_shift(x, scale, shift, axis=axis, xp=xp)
 
 
@@ -286,7 +305,7 @@ def batch_norm_train(
     ops = _GENERIC if ops is None else ops
     mean, var = ops.batch_stats(x, axis=axis, xp=xp)
     inv = invstd(var, eps=eps, xp=xp)
-    return normalize(x, mean, inv, weight, bias, axis=axis, xp=xp, ops=ops), mean, inv
+    return normalize(x, mean, inv, weight, bias, axis=axis, var=var, xp=xp, ops=ops), mean, inv
 
 
 def batch_norm_backward(

@@ -296,7 +296,11 @@ class BatchNorm:
             cdt = xp.result_type(F.compute_dtype(x.dtype, xp=xp), self._dtype)
             mean, var = xp.astype(self.running_mean, cdt), xp.astype(self.running_var, cdt)
         inv = F.invstd(var, eps=self.eps, xp=xp)
-        y = F.normalize(x, mean, inv, w, b, axis=axis, xp=xp, ops=ops)
+        # the batch variance marks constant channels (output exactly the bias); running
+        # statistics mark nothing, since x need not equal the running mean
+        y = F.normalize(
+            x, mean, inv, w, b, axis=axis, var=var if use_batch_stats else None, xp=xp, ops=ops
+        )
 
         if training and self.running_mean is not None:
             nbt = self.num_batches_tracked + 1
