@@ -1,0 +1,379 @@
+"""The NumPy fast paths (xbn/kernels/numpy.py) against the generic functions they replace.
+
+Every registered op is run through ``resolve("numpy")`` (fast) and ``resolve("numpy",
+generic=True)`` (generic) on the same inputs: shapes that exercise each walk of the kernel
+(row layout, column layout, folded columns, split rows, the thread pool), every channel axis,
+the three float dtypes and non-contiguous inputs. Timing is not tested here: see
+``xbn bench --cpu``.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import xbn
+from xbn import backends
+from xbn import functional as F
+from xbn.kernels import numpy as kn
+
+FAST = backends.resolve("numpy").ops
+GENERIC = backends.resolve("numpy", generic=True).ops
+
+# (shape, channel axis): C=1 and C=3, spatial 1, 7 and prime extents, large C with tiny
+# spatial size, channels-last, a channel axis in the middle, rows long enough for the row
+# layout (>= 2048 values), rows split into sub-rows (> 65536), a prime row too long to split,
+# and arrays over 1 MiB, which go through the thread pool.
+SHAPES = [
+    ((16, 1), 1),
+    ((5, 3), 1),
+    ((7, 1, 7, 7), 1),
+    ((4, 3, 1, 1), 1),
+    ((3, 5, 13, 17), 1),
+    ((2, 512, 1, 3), 1),
+    ((3, 1031), 1),
+    ((2, 7, 11, 5), -1),
+    ((6, 9, 9, 3), 3),
+    ((4, 5, 3, 11), 2),
+    ((3, 4, 2, 5, 7), 2),
+    ((2, 3, 64, 64), 1),
+    ((1, 2, 300, 300), 1),
+    ((1, 2, 65537), 1),
+    ((1, 3, 4099), 0),
+    ((8, 16, 48, 48), 1),
+    ((16, 24, 24, 32), -1),
+    ((4099, 64), 1),
+    ((4096, 128), 1),
+]
+DTYPES = [np.float32, np.float64, np.float16]
+TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 2e-5, np.dtype(np.float16): 2e-3}
+
+
+def _id(p):
+    return "x".join(map(str, p[0])) + f"-ax{p[1]}"
+
+
+def _data(shape, dtype, seed=0, offset=3.0):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 2.0 + offset).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    return x, dy
+
+
+def _close(a, b, tol, what):
+    """a and b agree to ``tol`` relative to the largest magnitude in b; same dtype and shape."""
+    assert a.dtype == b.dtype, f"{what}: dtype {a.dtype} != {b.dtype}"
+    assert a.shape == b.shape, f"{what}: shape {a.shape} != {b.shape}"
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.all(np.isfinite(a64)), f"{what}: non-finite values"
+    scale = max(float(np.max(np.abs(b64))), 1e-30)
+    err = float(np.max(np.abs(a64 - b64))) / scale
+    assert err <= tol, f"{what}: relative difference {err:.3g} > {tol:.3g}"
+
+
+def _coefficients(x, axis, ops, weight=None):
+    mean, var = ops.batch_stats(x, axis=axis)
+    inv = F.invstd(var, eps=1e-5)
+    return mean, var, inv, weight
+
+
+def _permuted(x, order):
+    """The same values as ``x`` stored in another axis order (a contiguous array's view)."""
+    inverse = np.argsort(order)
+    return np.ascontiguousarray(x.transpose(order)).transpose(inverse)
+
+
+# -- registration and routing ---------------------------------------------------------------
+
+
+def test_all_ops_registered():
+    assert set(FAST.fast) == set(backends.OP_NAMES)
+    assert GENERIC.fast == ()
+
+
+@pytest.mark.parametrize("make, fast", [
+    (lambda x: x, True),
+    (lambda x: np.asfortranarray(x), True),
+    (lambda x: _permuted(x, (0, 2, 3, 1)), True),
+    (lambda x: x[:, :, ::2], False),
+    (lambda x: x[::-1], False),
+])
+def test_layouts_routed(make, fast):
+    x = make(np.ones((4, 3, 6, 5), np.float32))
+    assert (kn._geometry(x, 1) is not None) is fast
+
+
+def test_mismatched_dy_layout_goes_generic():
+    x, dy = _data((4, 3, 6, 5), np.float32)
+    assert kn._geometry(x, 1, np.asfortranarray(dy)) is None
+    mean = FAST.batch_stats(x, axis=1)[0]
+    got = FAST.backward_reduce(np.asfortranarray(dy), x, mean, axis=1)
+    want = GENERIC.backward_reduce(dy, x, mean, axis=1)
+    for g, w in zip(got, want):
+        _close(g, w, 2e-5, "backward_reduce")
+
+
+# -- parity ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", SHAPES, ids=_id)
+def test_parity_all_ops(case, dtype):
+    shape, axis = case
+    x, dy = _data(shape, dtype, seed=len(shape) + shape[0])
+    tol = TOL[np.dtype(dtype)]
+    c = shape[axis]
+    rng = np.random.default_rng(1)
+    weight = (rng.standard_normal(c) + 1.0).astype(np.float32)
+    bias = rng.standard_normal(c).astype(np.float32)
+
+    mean_f, var_f = FAST.batch_stats(x, axis=axis)
+    mean_g, var_g = GENERIC.batch_stats(x, axis=axis)
+    stat_tol = max(tol, 1e-5) if dtype == np.float16 else tol
+    _close(mean_f, mean_g, stat_tol, "mean")
+    _close(var_f, var_g, stat_tol, "var")
+    np.testing.assert_allclose(var_f, var_g, rtol=10 * stat_tol)
+
+    # downstream ops get identical coefficients, so they are compared one at a time
+    inv = F.invstd(var_g, eps=1e-5)
+    scale, shift = F.scale_shift_coefficients(mean_g, inv, weight, bias)
+    _close(FAST.scale_shift(x, scale, shift, axis=axis), GENERIC.scale_shift(x, scale, shift, axis=axis), tol, "y")
+    _close(FAST.scale_shift(dy, scale, None, axis=axis), GENERIC.scale_shift(dy, scale, None, axis=axis), tol, "eval dx")
+
+    sums_f = FAST.backward_reduce(dy, x, mean_g, axis=axis)
+    sums_g = GENERIC.backward_reduce(dy, x, mean_g, axis=axis)
+    _close(sums_f[0], sums_g[0], max(tol, 1e-5), "sum_dy")
+    _close(sums_f[1], sums_g[1], max(tol, 1e-5), "sum_dy_xmu")
+
+    count = F.values_per_channel(shape, axis % len(shape))
+    k = F.backward_coefficients(*sums_g, inv, weight, count=count)
+    _close(FAST.backward_apply(dy, x, mean_g, *k, axis=axis), GENERIC.backward_apply(dy, x, mean_g, *k, axis=axis), tol, "dx")
+
+
+@pytest.mark.parametrize("order", [(0, 2, 3, 1), (3, 2, 1, 0), (1, 0, 2, 3)])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_parity_permuted_memory(order, axis):
+    """torch's channels_last and Fortran order: the fast path walks memory order, and its
+    outputs keep the input's layout, as the generic elementwise ops do."""
+    x0, dy0 = _data((6, 5, 9, 7), np.float32)
+    x, dy = _permuted(x0, order), _permuted(dy0, order)
+    assert kn._geometry(x, axis, dy) is not None
+    mean, var = FAST.batch_stats(x, axis=axis)
+    mg, vg = GENERIC.batch_stats(x0, axis=axis)
+    _close(mean, mg, 2e-5, "mean")
+    _close(var, vg, 2e-5, "var")
+    inv = F.invstd(vg, eps=1e-5)
+    scale, shift = F.scale_shift_coefficients(mg, inv, None, None)
+    y, yg = FAST.scale_shift(x, scale, shift, axis=axis), GENERIC.scale_shift(x, scale, shift, axis=axis)
+    _close(y, yg, 2e-5, "y")
+    assert np.argsort(y.strides).tolist() == np.argsort(x.strides).tolist()
+    sums = GENERIC.backward_reduce(dy0, x0, mg, axis=axis)
+    for a, b in zip(FAST.backward_reduce(dy, x, mg, axis=axis), sums):
+        _close(a, b, 2e-5, "sums")
+    k = F.backward_coefficients(*sums, inv, None, count=x.size // x.shape[axis])
+    dx = FAST.backward_apply(dy, x, mg, *k, axis=axis)
+    _close(dx, GENERIC.backward_apply(dy0, x0, mg, *k, axis=axis), 2e-5, "dx")
+    assert np.argsort(dx.strides).tolist() == np.argsort(x.strides).tolist()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_non_contiguous_input_matches_generic(dtype):
+    base, dbase = _data((6, 4, 10, 9), dtype)
+    x, dy = base[:, :, ::2, 1:], dbase[:, :, ::2, 1:]
+    tol = TOL[np.dtype(dtype)]
+    mean, var = FAST.batch_stats(x, axis=1)
+    mg, vg = GENERIC.batch_stats(x, axis=1)
+    _close(mean, mg, tol, "mean")
+    _close(var, vg, tol, "var")
+    inv = F.invstd(vg, eps=1e-5)
+    sums = FAST.backward_reduce(dy, x, mg, axis=1)
+    k = F.backward_coefficients(*sums, inv, None, count=x.size // 4)
+    _close(FAST.backward_apply(dy, x, mg, *k, axis=1), GENERIC.backward_apply(dy, x, mg, *k, axis=1), tol, "dx")
+
+
+@pytest.mark.parametrize("case", [((4, 3, 50, 50), 1), ((64, 3, 4, 4), 1), ((200, 3), 1)], ids=_id)
+def test_backward_apply_unfoldable_channels(case):
+    """A channel with gamma = 0 (k_dy = 0) or with sum(dy * (x - mean)) = 0 (k_xmu = 0) cannot
+    use the four-pass form; the five-pass form must give the generic result."""
+    shape, axis = case
+    x, dy = _data(shape, np.float32)
+    mean, var = GENERIC.batch_stats(x, axis=axis)
+    inv = F.invstd(var, eps=1e-5)
+    count = x.size // shape[axis]
+    weight = np.array([1.5, 0.0, -2.0], np.float32)
+    sums = GENERIC.backward_reduce(dy, x, mean, axis=axis)
+    k = F.backward_coefficients(*sums, inv, weight, count=count)
+    assert kn._fold_backward(mean, *k, np.dtype(np.float32)) is None
+    _close(FAST.backward_apply(dy, x, mean, *k, axis=axis), GENERIC.backward_apply(dy, x, mean, *k, axis=axis), 2e-5, "dx")
+    k_dy, k_xmu, k_const = F.backward_coefficients(*sums, inv, None, count=count)
+    k_xmu = k_xmu.copy()
+    k_xmu[0] = 0.0
+    got = FAST.backward_apply(dy, x, mean, k_dy, k_xmu, k_const, axis=axis)
+    _close(got, GENERIC.backward_apply(dy, x, mean, k_dy, k_xmu, k_const, axis=axis), 2e-5, "dx")
+
+
+def test_mixed_precision_coefficients():
+    """float32 input with float64 running statistics (eval with dtype='float64' parameters)."""
+    x, _ = _data((8, 5, 40, 40), np.float32)
+    scale = np.linspace(0.5, 2.0, 5)
+    shift = np.linspace(-1.0, 1.0, 5)
+    y, yg = FAST.scale_shift(x, scale, shift, axis=1), GENERIC.scale_shift(x, scale, shift, axis=1)
+    assert y.dtype == yg.dtype == np.float32
+    np.testing.assert_array_equal(y, yg)
+
+
+def test_random_shapes():
+    rng = np.random.default_rng(12345)
+    for _ in range(25):
+        ndim = int(rng.integers(2, 5))
+        shape = tuple(int(v) for v in rng.integers(1, 12, size=ndim))
+        shape = (max(shape[0], 2),) + shape[1:]
+        axis = int(rng.integers(-ndim, ndim))
+        dtype = DTYPES[int(rng.integers(0, 3))]
+        x, dy = _data(shape, dtype, seed=int(rng.integers(1 << 30)))
+        tol = max(TOL[np.dtype(dtype)], 1e-5)
+        for a, b in zip(FAST.batch_stats(x, axis=axis), GENERIC.batch_stats(x, axis=axis)):
+            _close(a, b, tol, f"stats {shape} axis {axis} {np.dtype(dtype).name}")
+        mean = GENERIC.batch_stats(x, axis=axis)[0]
+        for a, b in zip(FAST.backward_reduce(dy, x, mean, axis=axis), GENERIC.backward_reduce(dy, x, mean, axis=axis)):
+            _close(a, b, tol, f"sums {shape} axis {axis}")
+
+
+# -- numerics -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", [((16, 4, 64, 64), 1), ((32, 8, 14, 14), 1), ((4096, 16), 1), ((8, 28, 28, 16), -1)], ids=_id)
+def test_large_offset_variance(case):
+    """float32 x = 1e4 + N(0, 1): the variance within 1e-3 of the float64 one (of the same data)."""
+    shape, axis = case
+    rng = np.random.default_rng(7)
+    x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
+    mean, var = FAST.batch_stats(x, axis=axis)
+    axes = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
+    x64 = x.astype(np.float64)
+    ref = x64.var(axis=axes)
+    np.testing.assert_allclose(var, ref, rtol=1e-3)
+    np.testing.assert_allclose(mean, x64.mean(axis=axes), rtol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", [((8, 5, 64, 64), 1), ((6, 5, 7, 7), 1), ((500, 5), 1), ((4, 9, 9, 5), -1)], ids=_id)
+def test_constant_channel_exact(case, dtype):
+    """A constant channel has mean exactly its value and variance exactly 0, so the layer can
+    give it exactly beta; scale 0 then gives exactly the shift."""
+    shape, axis = case
+    x, _ = _data(shape, dtype)
+    values = np.array([0.1, 1e4, -3.3, 7e-3, 123.456], dtype=dtype)
+    index = [slice(None)] * x.ndim
+    for c, v in enumerate(values):
+        index[axis] = c
+        x[tuple(index)] = v
+    mean, var = FAST.batch_stats(x, axis=axis)
+    np.testing.assert_array_equal(var, np.zeros(5, var.dtype))
+    np.testing.assert_array_equal(mean, values.astype(mean.dtype))
+    shift = np.arange(5, dtype=mean.dtype)
+    y = FAST.scale_shift(x, np.zeros(5, mean.dtype), shift, axis=axis)
+    want = np.broadcast_to(F.per_channel(shift.astype(x.dtype), x.ndim, axis % x.ndim), x.shape)
+    np.testing.assert_array_equal(y, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=lambda d: np.dtype(d).name)
+def test_low_precision_accumulates_in_float32(dtype):
+    x, dy = _data((64, 3, 40, 40), dtype)
+    mean, var = FAST.batch_stats(x, axis=1)
+    assert mean.dtype == var.dtype == np.float32
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(mean, x64.mean(axis=(0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(var, x64.var(axis=(0, 2, 3)), rtol=1e-5)
+    sums = FAST.backward_reduce(dy, x, mean, axis=1)
+    assert all(s.dtype == np.float32 for s in sums)
+    np.testing.assert_allclose(sums[0], dy.astype(np.float64).sum(axis=(0, 2, 3)), rtol=1e-4, atol=1e-2)
+
+
+def test_float64_stays_float64():
+    x, dy = _data((16, 4, 50, 50), np.float64)
+    mean, var = FAST.batch_stats(x, axis=1)
+    assert mean.dtype == var.dtype == np.float64
+    np.testing.assert_allclose(var, x.var(axis=(0, 2, 3)), rtol=1e-13)
+
+
+# -- determinism ----------------------------------------------------------------------------
+
+
+def _all_outputs(x, dy, axis):
+    mean, var = FAST.batch_stats(x, axis=axis)
+    inv = F.invstd(var, eps=1e-5)
+    scale, shift = F.scale_shift_coefficients(mean, inv, None, None)
+    y = FAST.scale_shift(x, scale, shift, axis=axis)
+    sums = FAST.backward_reduce(dy, x, mean, axis=axis)
+    k = F.backward_coefficients(*sums, inv, None, count=x.size // x.shape[axis])
+    return [mean, var, y, *sums, FAST.backward_apply(dy, x, mean, *k, axis=axis)]
+
+
+@pytest.fixture
+def threads():
+    before = kn.get_num_threads()
+    yield kn.set_num_threads
+    kn.set_num_threads(before)
+
+
+@pytest.mark.parametrize("case", [((8, 16, 64, 64), 1), ((64, 32, 14, 14), 1), ((16, 28, 28, 32), -1), ((8192, 64), 1)], ids=_id)
+def test_deterministic_across_calls_and_thread_counts(case, threads):
+    shape, axis = case
+    x, dy = _data(shape, np.float32)
+    assert x.nbytes >= kn._PARALLEL_MIN_BYTES  # the pool is used
+    threads(2)
+    first = _all_outputs(x, dy, axis)
+    for _ in range(3):
+        for a, b in zip(first, _all_outputs(x, dy, axis)):
+            np.testing.assert_array_equal(a, b)
+    threads(1)
+    for a, b in zip(first, _all_outputs(x, dy, axis)):
+        np.testing.assert_array_equal(a, b)
+    threads(3)
+    for a, b in zip(first, _all_outputs(x, dy, axis)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_set_num_threads_validates(threads):
+    with pytest.raises(ValueError):
+        threads(0)
+
+
+def test_errors_in_workers_propagate(threads, monkeypatch):
+    threads(2)
+    x, _ = _data((8, 16, 64, 64), np.float32)
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(kn.np, "vecdot", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        FAST.batch_stats(x, axis=1)
+
+
+# -- memory ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", [((16, 16, 64, 64), 1), ((32, 32, 32, 32), -1), ((4096, 256), 1)], ids=_id)
+def test_backward_peak_memory(case):
+    """Peak extra memory of a layer backward: dx plus O(chunk) scratch (the generic path
+    peaks at 3 * x.nbytes); the target is at most about 2 * x.nbytes."""
+    shape, axis = case
+    x, dy = _data(shape, np.float32)
+    bn = xbn.BatchNorm(shape[axis], axis=axis, backend="numpy")
+    bn(x)
+    bn.backward(dy)  # warm: the pool's threads exist, nothing lazily allocated remains
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        dx = bn.backward(dy)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert dx.shape == x.shape
+    assert peak <= 1.5 * x.nbytes, f"backward peak {peak / x.nbytes:.2f} x nbytes"
+    assert peak >= x.nbytes  # dx itself: tracemalloc sees NumPy's allocations
