@@ -1,0 +1,470 @@
+"""CPU benchmark: xbn's NumPy backend against PyTorch's CPU batch norm and a naive NumPy one.
+
+For each shape and thread count, three implementations run interleaved (A B C A B C ...), so
+that the load of a shared machine falls on all of them alike; medians and ratios are reported:
+
+* ``xbn``: ``xbn.BatchNorm(..., backend="numpy")`` forward then ``backward`` (the fast paths of
+  :mod:`xbn.kernels.numpy`, their pool sized to the thread count);
+* ``torch``: ``aten.native_batch_norm`` then ``aten.native_batch_norm_backward`` (the same work
+  as the layer: y, saved statistics, running stats, dx, dgamma, dbeta; no autograd bookkeeping),
+  with ``torch.set_num_threads``; channels-last shapes use torch's channels_last memory format
+  on the same buffer. The autograd route (``F.batch_norm`` + ``.backward``) is timed as well and
+  kept in the JSON;
+* ``naive``: a textbook NumPy batch norm (``mean``/``var`` over axes, a materialized x_hat).
+
+The floor is the byte count over a measured copy bandwidth (``np.copyto`` of a 256 MiB array,
+read + write bytes, split over the threads): training forward 3S, backward 5S, eval forward
+2S, S = bytes of x. Writes ``cpu.md``, ``cpu.json`` and ``cpu.png`` under ``--out``.
+
+Run: ``xbn bench --cpu`` or ``python benchmarks/cpu.py`` (options: ``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+# (shape, channel axis, label); float32 throughout
+REFERENCE_SHAPES: list[tuple[tuple[int, ...], int, str]] = [
+    ((32, 64, 56, 56), 1, "NCHW"),
+    ((128, 256, 14, 14), 1, "NCHW"),
+    ((8, 32, 224, 224), 1, "NCHW"),
+    ((4096, 1024), 1, "NC"),
+    ((32, 56, 56, 64), -1, "NHWC"),
+    ((64, 16, 8, 8), 1, "NCHW small"),
+]
+EPS = 1e-5
+MOMENTUM = 0.1
+COPY_BYTES = 256 << 20
+
+
+def _parse_shape(text: str) -> tuple[tuple[int, ...], int, str]:
+    """``32x64x56x56`` (channel axis 1) or ``32x56x56x64:-1``."""
+    dims, _, axis = text.partition(":")
+    shape = tuple(int(d) for d in dims.lower().split("x"))
+    ax = int(axis) if axis else 1
+    return shape, ax, "NHWC" if ax % len(shape) == len(shape) - 1 and len(shape) > 2 else "custom"
+
+
+def _shape_name(shape: tuple[int, ...], axis: int) -> str:
+    return "x".join(map(str, shape)) + ("" if axis == 1 else f":{axis}")
+
+
+# -- implementations ----------------------------------------------------------------------
+
+
+class Naive:
+    """Textbook NumPy batch norm: reductions over axes, x_hat materialized and cached."""
+
+    def __init__(self, c: int, axis: int, ndim: int):
+        self.axes = tuple(a for a in range(ndim) if a != axis % ndim)
+        shape = [1] * ndim
+        shape[axis] = c
+        self.shape = tuple(shape)
+        self.gamma = np.ones(self.shape, np.float32)
+        self.beta = np.zeros(self.shape, np.float32)
+        self.running_mean = np.zeros(self.shape, np.float32)
+        self.running_var = np.ones(self.shape, np.float32)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        mean = x.mean(axis=self.axes, keepdims=True)
+        var = x.var(axis=self.axes, keepdims=True)
+        m = x.size // mean.size
+        self.running_mean = (1 - MOMENTUM) * self.running_mean + MOMENTUM * mean
+        self.running_var = (1 - MOMENTUM) * self.running_var + MOMENTUM * var * (m / (m - 1))
+        self.invstd = 1.0 / np.sqrt(var + EPS)
+        self.xhat = (x - mean) * self.invstd
+        return self.gamma * self.xhat + self.beta
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        m = dy.size // self.invstd.size
+        dbeta = dy.sum(axis=self.axes, keepdims=True)
+        dgamma = (dy * self.xhat).sum(axis=self.axes, keepdims=True)
+        self.grads = (dgamma, dbeta)
+        return (self.gamma * self.invstd / m) * (m * dy - dbeta - self.xhat * dgamma)
+
+    def eval(self, x: np.ndarray) -> np.ndarray:
+        inv = 1.0 / np.sqrt(self.running_var + EPS)
+        return (x - self.running_mean) * (inv * self.gamma) + self.beta
+
+
+def _make_cases(shape: tuple[int, ...], axis: int, with_torch: bool) -> dict[str, dict[str, Callable[[], Any]]]:
+    """For each implementation: callables 'fwd', 'bwd' (after its own fwd) and 'eval'."""
+    import xbn
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    dy = rng.standard_normal(shape, dtype=np.float32)
+    c = shape[axis]
+    cases: dict[str, dict[str, Callable[[], Any]]] = {}
+
+    bn = xbn.BatchNorm(c, axis=axis, backend="numpy")
+    cases["xbn"] = {
+        "fwd": lambda: bn.forward(x, training=True),
+        "bwd": lambda: bn.backward(dy),
+        "eval": lambda: bn.forward(x, training=False),
+    }
+
+    naive = Naive(c, axis, len(shape))
+    cases["naive"] = {"fwd": lambda: naive.forward(x), "bwd": lambda: naive.backward(dy), "eval": lambda: naive.eval(x)}
+
+    if with_torch:
+        import torch
+
+        tx, tdy = torch.from_numpy(x), torch.from_numpy(dy)
+        if axis % len(shape) == len(shape) - 1 and len(shape) == 4:
+            # NHWC buffer seen as NCHW with channels_last strides: torch's own channels-last path
+            tx, tdy = tx.permute(0, 3, 1, 2), tdy.permute(0, 3, 1, 2)
+            assert tx.is_contiguous(memory_format=torch.channels_last)
+        elif axis % len(shape) != 1:
+            raise ValueError(f"torch comparison needs channel axis 1 or NHWC, got axis {axis} for {shape}")
+        w, b = torch.ones(c), torch.zeros(c)
+        rm, rv = torch.zeros(c), torch.ones(c)
+        aten = torch.ops.aten
+        saved: dict[str, Any] = {}
+
+        def t_fwd() -> Any:
+            out, mean, invstd = aten.native_batch_norm(tx, w, b, rm, rv, True, MOMENTUM, EPS)
+            saved.update(mean=mean, invstd=invstd)
+            return out
+
+        def t_bwd() -> Any:
+            return aten.native_batch_norm_backward(
+                tdy, tx, w, rm, rv, saved["mean"], saved["invstd"], True, EPS, [True, True, True]
+            )
+
+        def t_eval() -> Any:
+            return aten.native_batch_norm(tx, w, b, rm, rv, False, MOMENTUM, EPS)[0]
+
+        cases["torch"] = {"fwd": t_fwd, "bwd": t_bwd, "eval": t_eval}
+
+        ax_ = tx.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+        wa, ba = torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
+        autograd: dict[str, Any] = {}
+
+        def a_fwd() -> Any:
+            autograd["y"] = torch.nn.functional.batch_norm(ax_, rm, rv, wa, ba, True, MOMENTUM, EPS)
+            return autograd["y"]
+
+        def a_bwd() -> Any:
+            ax_.grad = wa.grad = ba.grad = None
+            autograd.pop("y").backward(tdy)
+
+        cases["torch_autograd"] = {"fwd": a_fwd, "bwd": a_bwd}
+    return cases
+
+
+# -- measurement --------------------------------------------------------------------------
+
+
+def copy_bandwidth(threads: int, nbytes: int, repeats: int) -> float:
+    """Best-of-median copy bandwidth in bytes/s (read + write), the copy split over threads."""
+    n = nbytes // 4
+    src = np.ones(n, np.float32)
+    dst = np.empty_like(src)
+    parts = [slice(i * n // threads, (i + 1) * n // threads) for i in range(threads)]
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+
+    def copy() -> None:
+        if pool is None:
+            np.copyto(dst, src)
+        else:
+            list(pool.map(lambda s: np.copyto(dst[s], src[s]), parts))
+
+    copy()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        copy()
+        times.append(time.perf_counter() - t0)
+    if pool is not None:
+        pool.shutdown()
+    return 2 * src.nbytes / statistics.median(times)
+
+
+def _blas_limit(threads: int) -> Any:
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return nullcontext()
+    return threadpool_limits(limits=threads, user_api="blas")
+
+
+def measure(cases: dict[str, dict[str, Callable[[], Any]]], repeats: int, warmup: int = 2) -> dict[str, dict[str, list[float]]]:
+    """Interleaved timings in seconds: per implementation, 'fwd', 'bwd', 'train' (= fwd + bwd
+    of one step) and 'eval'. Each repeat runs every implementation once, in turn."""
+    names = list(cases)
+    out: dict[str, dict[str, list[float]]] = {n: {"fwd": [], "bwd": [], "train": [], "eval": []} for n in names}
+    for _ in range(warmup):
+        for n in names:
+            cases[n]["fwd"](), cases[n]["bwd"]()
+            if "eval" in cases[n]:
+                cases[n]["eval"]()
+    clock = time.perf_counter
+    for _ in range(repeats):
+        for n in names:
+            c = cases[n]
+            t0 = clock()
+            c["fwd"]()
+            t1 = clock()
+            c["bwd"]()
+            t2 = clock()
+            out[n]["fwd"].append(t1 - t0)
+            out[n]["bwd"].append(t2 - t1)
+            out[n]["train"].append(t2 - t0)
+        for n in names:
+            if "eval" in cases[n]:
+                t0 = clock()
+                cases[n]["eval"]()
+                out[n]["eval"].append(clock() - t0)
+    return out
+
+
+def _set_threads(threads: int, with_torch: bool) -> None:
+    from xbn.kernels import numpy as kn
+
+    kn.set_num_threads(threads)
+    if with_torch:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+# -- machine ------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "logical_cpus": os.cpu_count(),
+    }
+    try:
+        info["usable_cpus"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        info["cpu"] = platform.processor() or "unknown"
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_parallel"] = torch.__config__.parallel_info().splitlines()[:6]
+    except ImportError:
+        info["torch"] = None
+    try:
+        import threadpoolctl
+
+        info["blas"] = [
+            {k: v for k, v in lib.items() if k in ("internal_api", "version", "architecture", "threading_layer", "num_threads", "prefix")}
+            for lib in threadpoolctl.threadpool_info()
+        ]
+    except ImportError:
+        cfg = np.show_config(mode="dicts") if np.lib.NumpyVersion(np.__version__) >= "1.25.0" else {}
+        info["blas"] = cfg.get("Build Dependencies", {}).get("blas", "unknown")
+    try:
+        info["cache"] = {
+            p.name: (p / "size").read_text().strip() + " L" + (p / "level").read_text().strip() + " " + (p / "type").read_text().strip()
+            for p in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"))
+        }
+    except OSError:
+        pass
+    return info
+
+
+# -- report -------------------------------------------------------------------------------
+
+
+def _ms(v: float | None) -> str:
+    return "—" if v is None or not math.isfinite(v) else (f"{v * 1e3:.2f}" if v >= 1e-3 else f"{v * 1e3:.3f}")
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "—" if a is None or b is None or b == 0 else f"{a / b:.2f}"
+
+
+def write_markdown(path: Path, results: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    lines = [
+        "# xbn CPU benchmark: NumPy backend vs PyTorch CPU vs naive NumPy",
+        "",
+        f"Machine: {meta['machine'].get('cpu', '?')}, {meta['machine'].get('usable_cpus', '?')} usable cores; "
+        f"NumPy {meta['machine']['numpy']}, torch {meta['machine'].get('torch')}, Python {meta['machine']['python']}. "
+        f"Copy bandwidth (np.copyto, read + write): "
+        + ", ".join(f"{t} thread{'s' if t > 1 else ''} {bw / 1e9:.1f} GB/s" for t, bw in sorted(meta["bandwidth"].items()))
+        + ".",
+        "",
+        f"float32; median of {meta['repeats']} interleaved repeats (xbn, torch, naive in turn), "
+        "times in ms. torch = aten native_batch_norm + native_batch_norm_backward (same work as the "
+        "layer, no autograd); floor = bytes / copy bandwidth at that thread count (train 8S, eval 2S).",
+        "",
+        "## Training step (forward + backward)",
+        "",
+        "| shape | layout | threads | xbn ms | torch ms | naive ms | xbn/torch | xbn/floor | torch/floor |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        m = r["median_s"]
+        lines.append(
+            f"| {r['shape_name']} | {r['layout']} | {r['threads']} | {_ms(m['xbn']['train'])} | {_ms(m.get('torch', {}).get('train'))} | "
+            f"{_ms(m['naive']['train'])} | {_ratio(m['xbn']['train'], m.get('torch', {}).get('train'))} | "
+            f"{_ratio(m['xbn']['train'], r['floor_s']['train'])} | {_ratio(m.get('torch', {}).get('train'), r['floor_s']['train'])} |"
+        )
+    lines += [
+        "",
+        "## Eval forward",
+        "",
+        "| shape | layout | threads | xbn ms | torch ms | naive ms | xbn/torch | xbn/floor |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        m = r["median_s"]
+        lines.append(
+            f"| {r['shape_name']} | {r['layout']} | {r['threads']} | {_ms(m['xbn']['eval'])} | {_ms(m.get('torch', {}).get('eval'))} | "
+            f"{_ms(m['naive']['eval'])} | {_ratio(m['xbn']['eval'], m.get('torch', {}).get('eval'))} | "
+            f"{_ratio(m['xbn']['eval'], r['floor_s']['eval'])} |"
+        )
+    lines += [
+        "",
+        "## Forward and backward separately (training)",
+        "",
+        "| shape | threads | xbn fwd | torch fwd | xbn bwd | torch bwd | fwd xbn/floor (3S) | bwd xbn/floor (5S) | torch autograd step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        m = r["median_s"]
+        t = m.get("torch", {})
+        lines.append(
+            f"| {r['shape_name']} | {r['threads']} | {_ms(m['xbn']['fwd'])} | {_ms(t.get('fwd'))} | {_ms(m['xbn']['bwd'])} | "
+            f"{_ms(t.get('bwd'))} | {_ratio(m['xbn']['fwd'], r['floor_s']['fwd'])} | {_ratio(m['xbn']['bwd'], r['floor_s']['bwd'])} | "
+            f"{_ms(m.get('torch_autograd', {}).get('train'))} |"
+        )
+    lines += ["", f"Command: `{meta['command']}`", ""]
+    path.write_text("\n".join(lines))
+
+
+def write_plot(path: Path, results: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    thread_counts = sorted({r["threads"] for r in results})
+    fig, axes = plt.subplots(1, len(thread_counts), figsize=(6.5 * len(thread_counts), 4.8), squeeze=False, sharey=True)
+    impls = [("xbn", "#1f77b4"), ("torch", "#ff7f0e"), ("naive", "#7f7f7f")]
+    for ax, t in zip(axes[0], thread_counts):
+        rows = [r for r in results if r["threads"] == t]
+        xs = np.arange(len(rows))
+        width = 0.27
+        for k, (name, color) in enumerate(impls):
+            vals = [r["median_s"].get(name, {}).get("train", float("nan")) / r["floor_s"]["train"] for r in rows]
+            ax.bar(xs + (k - 1) * width, vals, width, label=name, color=color)
+        ax.axhline(1.0, color="k", lw=1, ls="--", label="floor (8S / copy BW)")
+        ax.set_yscale("log")
+        ax.set_xticks(xs, [r["shape_name"].replace(":-1", "\nNHWC") for r in rows], rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"training forward + backward, {t} thread{'s' if t > 1 else ''}")
+        ax.set_ylabel("time / memory-bandwidth floor (log)")
+        ax.grid(axis="y", which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- main ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xbn bench --cpu", description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts (default: 1 2)")
+    p.add_argument("--shapes", nargs="+", default=None,
+                   help="shapes like 32x64x56x56 (channel axis 1) or 32x56x56x64:-1 (default: the reference set)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 15; small shapes 200)")
+    p.add_argument("--out", default="benchmarks/results", help="output folder (default: benchmarks/results)")
+    p.add_argument("--quick", action="store_true", help="3 repeats and a 64 MiB copy: a smoke run, not a measurement")
+    p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if it is installed")
+    p.add_argument("--no-plot", action="store_true", help="skip cpu.png")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    shapes = REFERENCE_SHAPES if not args.shapes else [_parse_shape(s) for s in args.shapes]
+    with_torch = not args.no_torch
+    if with_torch:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            print("torch is not installed: comparing with the naive NumPy reference only", file=sys.stderr)
+            with_torch = False
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    copy_bytes = (64 << 20) if args.quick else COPY_BYTES
+
+    bandwidth: dict[int, float] = {}
+    results: list[dict[str, Any]] = []
+    for threads in args.threads:
+        _set_threads(threads, with_torch)
+        with _blas_limit(threads):
+            bw = copy_bandwidth(threads, copy_bytes, 3 if args.quick else 9)
+            # the floor at t threads uses the best bandwidth seen with at most t threads
+            bandwidth[threads] = max([bw] + [b for t, b in bandwidth.items() if t <= threads])
+            for shape, axis, layout in shapes:
+                nbytes = math.prod(shape) * 4
+                repeats = args.repeats or (3 if args.quick else (15 if nbytes >= (4 << 20) else 200))
+                cases = _make_cases(shape, axis, with_torch)
+                raw = measure(cases, repeats)
+                del cases
+                med = {n: {k: (statistics.median(v) if v else None) for k, v in d.items()} for n, d in raw.items()}
+                bwt = bandwidth[threads]
+                floor = {"fwd": 3 * nbytes / bwt, "bwd": 5 * nbytes / bwt, "train": 8 * nbytes / bwt, "eval": 2 * nbytes / bwt}
+                r = {
+                    "shape": list(shape), "axis": axis, "layout": layout, "shape_name": _shape_name(shape, axis),
+                    "threads": threads, "bytes": nbytes, "repeats": repeats,
+                    "median_s": med, "floor_s": floor, "times_s": raw,
+                }
+                results.append(r)
+                t = med.get("torch", {}).get("train")
+                print(
+                    f"{r['shape_name']:>20} threads={threads}  train: xbn {_ms(med['xbn']['train'])} ms, "
+                    f"torch {_ms(t)} ms, naive {_ms(med['naive']['train'])} ms, xbn/torch {_ratio(med['xbn']['train'], t)}, "
+                    f"xbn/floor {_ratio(med['xbn']['train'], floor['train'])}; eval xbn/torch "
+                    f"{_ratio(med['xbn']['eval'], med.get('torch', {}).get('eval'))}",
+                    flush=True,
+                )
+
+    command = "xbn bench --cpu -- " + " ".join(argv if argv is not None else sys.argv[1:])
+    meta = {"machine": machine_info(), "bandwidth": bandwidth, "repeats": args.repeats or "15 (200 for inputs under 4 MiB)",
+            "quick": args.quick, "command": command.strip(), "copy_bytes": copy_bytes,
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (out / "cpu.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
+    write_markdown(out / "cpu.md", results, meta)
+    if not args.no_plot:
+        try:
+            write_plot(out / "cpu.png", results)
+        except ImportError:
+            print("matplotlib is not installed: no plot", file=sys.stderr)
+    print(f"wrote {out / 'cpu.md'}, {out / 'cpu.json'}" + ("" if args.no_plot else f", {out / 'cpu.png'}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
