@@ -1,0 +1,177 @@
+"""xbn's CUDA kernels executed on the CPU (tests/cuda_host: the .cu sources compiled as C++ with
+AddressSanitizer and UndefinedBehaviorSanitizer, CUDA threads as fibers). No GPU needed.
+
+Checked here, for every kernel family, dtype (float32, float64, float16, bfloat16 as bits) and
+both layouts, over shapes with C = 1, C = 3, S = 1, S = 7, prime sizes, large C with tiny
+spatial and tiny C with large spatial: results against a float64 reference; every output
+element written (outputs start as NaN); no access outside any buffer; every thread at every
+barrier; the grid reduction bitwise identical whichever block finishes last; counters left at
+zero; the scalar and vector paths in agreement. What this cannot check is the GPU itself
+(memory model, real concurrency, speed): tests/test_kernels_cupy.py and ci/gpu_tier.sh do.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import host_kernels as hk
+from xbn.kernels import _launch as L
+
+pytestmark = pytest.mark.skipif(
+    hk.compiler() is None,
+    reason="needs g++ (C++20 <barrier>, _Float16, -fsanitize=address,undefined) to run the "
+           "CUDA kernels on the CPU",
+)
+
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+#: Largest relative error (max |got - ref| / max |ref|) against float64, per input dtype: the
+#: reductions accumulate in float32 (float64 for float64), outputs round to the input dtype.
+REDUCE_TOL = {"float32": 2e-6, "float64": 1e-12, "float16": 2e-6, "bfloat16": 2e-6}
+OUTPUT_TOL = {"float32": 2e-6, "float64": 1e-12, "float16": 1e-3, "bfloat16": 8e-3}
+
+# (shape, channel axis): the edge cases, scaled to what an emulator runs in seconds.
+SHAPES = [
+    ((4, 1, 6, 5), 1),        # C == 1 (one long channel)
+    ((5, 3, 7), 1),           # C == 3, S == 7
+    ((13, 3, 1, 1), 1),       # S == 1: channels-last, C == 3
+    ((3, 5, 31), 1),          # prime S, N * S == 93
+    ((8, 96, 2, 2), 1),       # large C, tiny spatial
+    ((2, 2, 4099), 1),        # tiny C, large prime spatial: split over blocks, scalar loads
+    ((2, 2, 4096), 1),        # tiny C, large spatial: split over blocks, vector loads
+    ((100, 24), 1),           # (N, C)
+    ((64, 5, 5, 8), -1),      # NHWC
+    ((6, 4, 9, 3), 2),        # a middle channel axis
+    ((257, 33), 1),           # channels-last with C just over one warp of columns
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _build():
+    # Build the four harnesses in parallel up front (cached on disk by source hash).
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(hk.driver, [L.dtype_key(d) for d in DTYPES]))
+
+
+def _axes(ndim: int, axis: int) -> tuple[int, ...]:
+    return tuple(i for i in range(ndim) if i != axis % ndim)
+
+
+def _bshape(ndim: int, axis: int) -> tuple[int, ...]:
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return tuple(shape)
+
+
+def _rel(got: np.ndarray, ref: np.ndarray) -> float:
+    got = np.asarray(got, dtype=np.float64)
+    assert np.isfinite(got).all(), "unwritten (NaN) or non-finite outputs"
+    scale = float(np.max(np.abs(ref))) or 1.0
+    return float(np.max(np.abs(got - ref))) / scale
+
+
+def _data(shape, dtype, seed, loc=0.5, scale=2.0):
+    rng = np.random.default_rng(seed)
+    stored = hk.to_storage(rng.normal(loc, scale, size=shape), dtype)
+    return stored, hk.from_storage(stored, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "axis"), SHAPES, ids=[f"{s}-ax{a}" for s, a in SHAPES])
+def test_all_ops_against_float64(shape, axis, dtype):
+    acc = np.dtype(L.accumulator_dtype(dtype))
+    x, xv = _data(shape, dtype, 1)
+    dy, dyv = _data(shape, dtype, 2, loc=0.0, scale=1.0)
+    axes, bs = _axes(len(shape), axis), _bshape(len(shape), axis)
+    c = shape[axis]
+
+    mean, var, plan = hk.batch_stats(x, dtype, axis=axis, seed=7)
+    assert _rel(mean, xv.mean(axis=axes)) <= REDUCE_TOL[dtype], plan
+    assert _rel(var, xv.var(axis=axes)) <= REDUCE_TOL[dtype], plan
+
+    mu = xv.mean(axis=axes).astype(acc)
+    s_dy, s_dy_xmu, plan = hk.backward_reduce(dy, x, mu, dtype, axis=axis, seed=7)
+    mu64 = mu.astype(np.float64).reshape(bs)
+    assert _rel(s_dy, dyv.sum(axis=axes)) <= REDUCE_TOL[dtype] * 4, plan
+    assert _rel(s_dy_xmu, (dyv * (xv - mu64)).sum(axis=axes)) <= REDUCE_TOL[dtype] * 4, plan
+
+    rng = np.random.default_rng(3)
+    scale, shift = rng.normal(size=c).astype(acc), rng.normal(size=c).astype(acc)
+    for sh in (shift, None):
+        y, plan = hk.scale_shift(x, scale, sh, dtype, axis=axis)
+        ref = xv * scale.astype(np.float64).reshape(bs)
+        if sh is not None:
+            ref = ref + sh.astype(np.float64).reshape(bs)
+        assert _rel(hk.from_storage(y, dtype), ref) <= OUTPUT_TOL[dtype], plan
+
+    k = [rng.normal(size=c).astype(acc) for _ in range(3)]
+    dx, plan = hk.backward_apply(dy, x, mu, *k, dtype, axis=axis)
+    k64 = [v.astype(np.float64).reshape(bs) for v in k]
+    ref = dyv * k64[0] + (xv - mu64) * k64[1] + k64[2]
+    assert _rel(hk.from_storage(dx, dtype), ref) <= OUTPUT_TOL[dtype], plan
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((3, 2, 4096), 1), ((600, 16), 1), ((5, 3, 2801), 1)])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_grid_reduction_is_bitwise_reproducible_whichever_block_ends_last(shape, axis, dtype):
+    x, xv = _data(shape, dtype, 4)
+    dy, _ = _data(shape, dtype, 5)
+    mu = xv.mean(axis=_axes(len(shape), axis)).astype(np.float32)
+    runs = []
+    for seed in (0, 1, 2, 3):
+        mean, var, plan = hk.batch_stats(x, dtype, axis=axis, seed=seed)
+        s1, s2, plan2 = hk.backward_reduce(dy, x, mu, dtype, axis=axis, seed=seed)
+        assert plan.parts > 1 and plan2.parts > 1, "the case must split channels over blocks"
+        runs.append(b"".join(a.tobytes() for a in (mean, var, s1, s2)))
+    assert all(r == runs[0] for r in runs[1:])
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((4, 3, 64), 1), ((64, 16), 1), ((2, 4, 4, 16), -1)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scalar_and_vector_paths_agree(shape, axis, dtype):
+    x, xv = _data(shape, dtype, 6)
+    layout = L.plan_layout(shape, axis, c_contiguous=True)
+    assert L.vector_width(layout, hk.itemsize(dtype)) > 1
+    m_w, v_w, p_w = hk.batch_stats(x, dtype, axis=axis, wide=True)
+    m_s, v_s, p_s = hk.batch_stats(x, dtype, axis=axis, wide=False)
+    assert p_w.kernel.endswith("_vw") and p_s.kernel.endswith("_v1")
+    tol = REDUCE_TOL[dtype]
+    assert _rel(m_w, m_s.astype(np.float64)) <= tol and _rel(v_w, v_s.astype(np.float64)) <= tol
+    scale = np.linspace(0.5, 2.0, shape[axis])
+    y_w, _ = hk.scale_shift(x, scale, None, dtype, axis=axis, wide=True)
+    y_s, _ = hk.scale_shift(x, scale, None, dtype, axis=axis, wide=False)
+    assert np.array_equal(y_w, y_s)  # elementwise: the same arithmetic per element
+
+
+def test_variance_of_large_mean_data_float32():
+    """REFERENCE B: float32 x = 1e4 + N(0, 1) keeps its variance within 1e-3 relative."""
+    rng = np.random.default_rng(0)
+    for shape, axis in (((16, 2, 32, 32), 1), ((2048, 8), 1)):
+        x = (1e4 + rng.normal(size=shape)).astype(np.float32)
+        _, var, _ = hk.batch_stats(x, "float32", axis=axis, seed=3)
+        ref = x.astype(np.float64).var(axis=_axes(len(shape), axis))
+        assert np.max(np.abs(var / ref - 1)) < 1e-3
+
+
+def test_constant_channel_has_zero_variance():
+    x = np.full((6, 3, 50), 7.25, dtype=np.float32)
+    x[:, 1] = -3.0
+    mean, var, _ = hk.batch_stats(x, "float32", axis=1, seed=2)
+    assert mean.tolist() == [7.25, -3.0, 7.25]
+    assert var.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_harness_reports_a_broken_launch():
+    """The emulator is not silently permissive: shuffles in a block that is not whole warps
+    (the planner never launches one) are reported."""
+    x = np.ones((2, 1, 64), dtype=np.float32)
+    layout = L.plan_layout(x.shape, 1, c_contiguous=True)
+    good = L.plan("stats", layout, 1, sm_count=1)
+    bad = L.LaunchPlan(good.kernel, good.grid, (48, 1, 1), good.args, good.parts, 0, 0)
+    values = {"x": x, "mean": np.zeros(1, np.float32), "var": np.zeros(1, np.float32),
+              "ws_a": np.zeros(1, np.float32), "ws_b": np.zeros(1, np.float32),
+              "ws_n": np.zeros(1, np.int32), "counters": np.zeros(1, np.uint32)}
+    with pytest.raises(hk.HostRunError, match="not whole warps"):
+        hk.run_kernel("f32", bad, "stats", values)
