@@ -90,9 +90,9 @@ def batch_stats(x: Array, /, *, axis: int, xp: ModuleType | None = None) -> tupl
 
     Two passes (mean, then the mean of centered squares): E[x^2] - E[x]^2 cancels
     catastrophically in float32 when |mean| >> std (x = 1e4 + N(0, 1) loses every digit).
-    Both passes run on x shifted by each channel's first value, so a constant channel gets
-    exactly its value as mean and exactly 0 as variance (sum(c) / M rounds for most c), and
-    a large common offset costs no digits in the mean.
+    The mean is taken of x shifted by each channel's first value, so a constant channel gets
+    exactly its value as mean and then exactly 0 as variance (sum(c) / M rounds for most c),
+    and a large common offset costs the mean no digits.
 
     Examples
     --------
@@ -106,14 +106,15 @@ def batch_stats(x: Array, /, *, axis: int, xp: ModuleType | None = None) -> tupl
     xc = _as_compute(x, xp)
     axis = _channel_axis(x.ndim, axis)
     axes = reduction_axes(x.ndim, axis)
-    first = None
     if values_per_channel(tuple(x.shape), axis) > 0:
         first = xc[tuple(slice(None) if a == axis else 0 for a in range(x.ndim))]
-        xc = xc - per_channel(first, x.ndim, axis, xp=xp)
-    shifted_mean = xp.mean(xc, axis=axes)
-    centered = xc - per_channel(shifted_mean, x.ndim, axis, xp=xp)
+        mean = first + xp.mean(xc - per_channel(first, x.ndim, axis, xp=xp), axis=axes)
+    else:
+        mean = xp.mean(xc, axis=axes)
+    # the second pass centres on the returned mean: the same (x - mean) the backward uses
+    centered = xc - per_channel(mean, x.ndim, axis, xp=xp)
     var = xp.mean(centered * centered, axis=axes)
-    return (shifted_mean if first is None else first + shifted_mean), var
+    return mean, var
 
 
 def invstd(var: Array, /, *, eps: float, xp: ModuleType | None = None) -> Array:
