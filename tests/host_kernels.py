@@ -95,39 +95,43 @@ class HostRunError(AssertionError):
     """The harness reported a problem (divergent barrier, sanitizer error, bad launch)."""
 
 
-def run_kernel(key: str, plan: _launch.LaunchPlan, op: str, values: dict[str, Any],
-               *, seed: int = 0, timeout: float = 300) -> dict[str, np.ndarray]:
-    """Launch ``plan`` in the harness with the arrays of ``values``; return them afterwards."""
-    args = _launch.arguments(op, plan, values)
-    names = _launch.ARGUMENTS[op]
-    arrays = {n: v for n, v in values.items() if isinstance(v, np.ndarray)}
-    ints = [int(v) for n, v in zip(names, args) if n not in arrays] + list(plan.args)
+def run_raw(key: str, kernel: str, grid: tuple[int, ...], block: tuple[int, ...],
+            buffers: list[np.ndarray], ints: list[int], *, seed: int = 0,
+            timeout: float = 300) -> list[np.ndarray]:
+    """Launch ``kernel`` (compiled for dtype ``key``) with ``buffers`` as its pointer arguments
+    and ``ints`` as its int arguments, each in order; return the buffers' contents afterwards."""
     with tempfile.TemporaryDirectory() as d:
         files = []
-        for n in names:
-            if n in arrays:
-                path = Path(d) / n
-                np.ascontiguousarray(arrays[n]).tofile(path)
-                files.append(str(path))
-        cmd = [str(driver(key)), plan.kernel, str(plan.grid[0]), str(plan.grid[1]),
-               str(plan.block[0]), str(plan.block[1]), str(seed), str(len(files)), *files,
-               str(len(ints)), *map(str, ints)]
+        for i, a in enumerate(buffers):
+            path = Path(d) / f"buf{i}"
+            np.ascontiguousarray(a).tofile(path)
+            files.append(str(path))
+        cmd = [str(driver(key)), kernel, str(grid[0]), str(grid[1]), str(block[0]),
+               str(block[1]), str(seed), str(len(files)), *files, str(len(ints)),
+               *map(str, ints)]
         env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0",
                    UBSAN_OPTIONS="print_stacktrace=1")
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         except subprocess.TimeoutExpired as e:
-            raise HostRunError(f"{plan.kernel} did not finish in {timeout} s (a deadlock: "
+            raise HostRunError(f"{kernel} did not finish in {timeout} s (a deadlock: "
                                f"threads waiting at different barriers?)") from e
         if r.returncode != 0:
-            raise HostRunError(f"{plan.kernel} grid={plan.grid} block={plan.block} "
-                               f"args={plan.args}: exit {r.returncode}\n{r.stderr[-4000:]}")
-        out = {}
-        for n in names:
-            if n in arrays:
-                a = arrays[n]
-                out[n] = np.fromfile(Path(d) / n, dtype=a.dtype).reshape(a.shape)
-    return out
+            raise HostRunError(f"{kernel} grid={tuple(grid)} block={tuple(block)} ints={ints}: "
+                               f"exit {r.returncode}\n{r.stderr[-4000:]}")
+        return [np.fromfile(f, dtype=a.dtype).reshape(a.shape) for f, a in zip(files, buffers)]
+
+
+def run_kernel(key: str, plan: _launch.LaunchPlan, op: str, values: dict[str, Any],
+               *, seed: int = 0, timeout: float = 300) -> dict[str, np.ndarray]:
+    """Launch ``plan`` in the harness with the arrays of ``values``; return them afterwards."""
+    args = _launch.arguments(op, plan, values)
+    names = _launch.ARGUMENTS[op]
+    arrays = [n for n in names if isinstance(values[n], np.ndarray)]
+    ints = [int(v) for n, v in zip(names, args) if n not in arrays] + list(plan.args)
+    outs = run_raw(key, plan.kernel, plan.grid, plan.block, [values[n] for n in arrays], ints,
+                   seed=seed, timeout=timeout)
+    return dict(zip(arrays, outs))
 
 
 # -- dtypes -------------------------------------------------------------------------------------

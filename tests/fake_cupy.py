@@ -1,0 +1,144 @@
+"""A stand-in for the parts of CuPy that xbn/kernels/cupy.py touches, backed by NumPy, whose
+RawModule launches the kernels in the CPU emulator (host_kernels). It lets the wrappers'
+own logic (argument assembly, workspace and placeholders, out=, fallbacks, vector widths from
+real pointers, per-stream counters) run end to end without a GPU.
+
+Fresh "device memory" (empty) is filled with NaN (and 0x5A5A5A5A for integers), as stale GPU
+memory would hold garbage: an output the kernels fail to write shows up.
+"""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+import host_kernels as hk
+
+SM_COUNT = 8
+BLOCKS_PER_SM = 2  # occupancy the fake driver reports for 256-thread blocks
+
+float16, float32, float64 = np.float16, np.float32, np.float64
+int32, uint32 = np.int32, np.uint32
+nan = np.nan
+dtype = np.dtype
+launches: list[tuple[str, str, tuple[int, ...], tuple[int, ...]]] = []
+seed = 1
+
+
+class _Pointer:
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+
+class Device:
+    def __init__(self, id: int = 0) -> None:  # noqa: A002 (CuPy's name)
+        self.id = int(id)
+        self.attributes = {"MultiProcessorCount": SM_COUNT, "MaxThreadsPerMultiProcessor": 2048}
+
+    def __enter__(self) -> Device:
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        return False
+
+
+class ndarray(np.ndarray):  # noqa: N801 (CuPy's name)
+    """A NumPy array with CuPy's .data.ptr and .device."""
+
+    @property
+    def data(self) -> _Pointer:  # type: ignore[override]
+        return _Pointer(self.__array_interface__["data"][0])
+
+    @property
+    def device(self) -> Device:  # type: ignore[override]
+        return Device(0)
+
+
+def _alloc(shape: Any, dtype: Any) -> ndarray:
+    """Fresh memory aligned to 256 bytes, as cudaMalloc's."""
+    dt = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) if np.ndim(shape) else int(shape)
+    raw = np.empty(n * dt.itemsize + 256, dtype=np.uint8)
+    skip = (-raw.__array_interface__["data"][0]) % 256
+    return raw[skip: skip + n * dt.itemsize].view(dt).reshape(shape).view(ndarray)
+
+
+def asarray(a: Any, dtype: Any = None) -> ndarray:
+    src = np.asarray(a, dtype=dtype)
+    out = _alloc(src.shape, src.dtype)
+    out[...] = src
+    return out
+
+
+def ascontiguousarray(a: Any) -> ndarray:
+    return a if a.flags.c_contiguous else asarray(a)
+
+
+def empty(shape: Any, dtype: Any = np.float32) -> ndarray:
+    dt = np.dtype(dtype)
+    out = _alloc(shape, dt)
+    out[...] = np.nan if dt.kind == "f" else 0x5A5A5A5A
+    return out
+
+
+def zeros(shape: Any, dtype: Any = np.float32) -> ndarray:
+    return full(shape, 0, dtype)
+
+
+def ones(shape: Any, dtype: Any = np.float32) -> ndarray:
+    return full(shape, 1, dtype)
+
+
+def full(shape: Any, value: Any, dtype: Any = np.float32) -> ndarray:
+    out = _alloc(shape, dtype)
+    out[...] = value
+    return out
+
+
+class _Kernel:
+    def __init__(self, key: str, name: str) -> None:
+        self.key, self.name = key, name
+        self.kernel = SimpleNamespace(ptr=id(self))
+
+    def __call__(self, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
+        launches.append((self.key, self.name, tuple(grid), tuple(block)))
+        arrays = [a for a in args if isinstance(a, np.ndarray)]
+        ints = [int(a) for a in args if not isinstance(a, np.ndarray)]
+        for a in args:
+            if not isinstance(a, np.ndarray):
+                assert isinstance(a, np.int32), f"kernel int arguments must be int32, got {type(a)}"
+        before = [np.array(a, copy=True) for a in arrays]
+        after = hk.run_raw(self.key, self.name, grid, block, arrays, ints, seed=seed)
+        # An array passed twice (placeholders) must only be written through one of its aliases.
+        written: dict[int, int] = {}
+        for i, (a, old, new) in enumerate(zip(arrays, before, after)):
+            if old.tobytes() != new.tobytes():
+                base = a.__array_interface__["data"][0]
+                assert base not in written, f"{self.name}: argument {i} aliases written argument {written.get(base)}"
+                written[base] = i
+                np.copyto(a, new.reshape(a.shape))
+
+
+class RawModule:
+    def __init__(self, code: str, options: tuple[str, ...] = ()) -> None:
+        keys = [m.group(1).lower() for o in options if (m := re.fullmatch(r"-DXBN_DTYPE_(\w+)", o))]
+        assert len(keys) == 1, options
+        self.key = keys[0]
+        self.code = code
+
+    def get_function(self, name: str) -> _Kernel:
+        assert re.search(rf"\b{re.escape(name.rsplit('_', 1)[0])}_##SUFFIX\b", self.code), name
+        return _Kernel(self.key, name)
+
+
+_stream = SimpleNamespace(ptr=0)
+cuda = SimpleNamespace(
+    Device=Device,
+    get_current_stream=lambda: _stream,
+    driver=SimpleNamespace(
+        occupancyMaxActiveBlocksPerMultiprocessor=lambda ptr, threads, smem: BLOCKS_PER_SM
+    ),
+)
