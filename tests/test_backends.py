@@ -174,6 +174,7 @@ def test_to_moves_all_state_and_keeps_values():
 
 
 def test_registered_fast_path_is_used_and_generic_forcing_skips_it(monkeypatch):
+    monkeypatch.delenv("XBN_FORCE_GENERIC", raising=False)
     calls = []
 
     def spy_scale_shift(x, scale, shift, /, *, axis, xp=None):
@@ -200,3 +201,15 @@ def test_registered_fast_path_is_used_and_generic_forcing_skips_it(monkeypatch):
 def test_register_kernel_rejects_unknown_ops():
     with pytest.raises(ValueError, match="unknown op 'fused_everything'"):
         backends.register_kernel("numpy", "fused_everything")
+
+
+def test_load_state_dict_takes_torch_parameters_directly():
+    torch = pytest.importorskip("torch", reason="needs torch tensors")
+    tbn = torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        tbn.weight.mul_(2.0)
+    bn = xbn.BatchNorm1d(3, backend="numpy")
+    sd = dict(tbn.state_dict(keep_vars=True))  # weight/bias are Parameters that require grad
+    assert sd["weight"].requires_grad
+    bn.load_state_dict(sd)
+    np.testing.assert_array_equal(bn.weight.data, np.full(3, 2.0, dtype=np.float32))

@@ -37,6 +37,7 @@ def test_parity_passes_on_cpu_backends_and_writes_json(tmp_path, capsys):
 
 
 def test_parity_fails_when_a_fast_path_is_off_by_a_little(monkeypatch, capsys):
+    monkeypatch.delenv("XBN_FORCE_GENERIC", raising=False)
     def off_by_1e4(x, scale, shift, /, *, axis, xp=None):
         return xbn.functional.scale_shift(x, scale * (1 + 1e-4), shift, axis=axis, xp=xp)
 
@@ -52,6 +53,7 @@ def test_parity_fails_when_a_fast_path_is_off_by_a_little(monkeypatch, capsys):
 
 
 def test_parity_reports_a_crash_as_a_failed_case(monkeypatch):
+    monkeypatch.delenv("XBN_FORCE_GENERIC", raising=False)
     def broken(x, /, *, axis, xp=None):
         raise RuntimeError("kernel exploded")
 

@@ -222,7 +222,7 @@ def resolve(backend: Any = "auto", device: Any = None, *, generic: bool | None =
     if generic is None:
         generic = generic_forced()
     if isinstance(backend, Backend):
-        if device is None and not generic:
+        if device is None and not (generic and backend.ops.fast):
             return backend
         return resolve(backend.xp, device if device is not None else backend.device, generic=generic)
     if isinstance(backend, str):

@@ -454,6 +454,8 @@ def _to_host(value: Any, key: str) -> np.ndarray:
         raise TypeError(f"{key} must be an array, got {type(value).__name__}")
     if hasattr(value, "get") and type(value).__module__.startswith("cupy"):
         return np.asarray(value.get())
+    if callable(getattr(value, "detach", None)):  # torch tensors that require grad (Parameters)
+        value = value.detach()
     try:
         return np.asarray(value)
     except Exception:
