@@ -43,6 +43,7 @@ def _synthetic(tmp_path):
                          "aten": 1.1e-4},
             "kernel_gbs": {"batch_stats": 2800.0, "scale_shift": 2700.0,
                            "backward_reduce": 2900.0, "backward_apply": 2750.0},
+            "kernel_sum_s": 0.6e-4 * (i + 1),
             "errors": [] if i else ["RuntimeError: example"],
         })
     meta = {"gpu": {"gpu": "Test GPU", "compute_capability": "90", "sm_count": 132,
@@ -61,6 +62,7 @@ def test_markdown_report(tmp_path):
     text = path.read_text()
     assert "Test GPU" in text and "sm_90" in text and "3000 GB/s" in text
     assert "| 32x64x56x56 | NCHW | 0.100 | 0.120 | 0.110 | 0.500 | 0.83 | 5.00 |" in text
+    assert "| 0.060 | 0.040 |" in text
     assert "2900 GB/s (0.97)" in text
     assert "RuntimeError: example" in text
     json.dumps({"meta": meta, "results": results})  # what main() writes must serialize

@@ -17,7 +17,11 @@ The kernels are also timed alone and reported as achieved bandwidth and as a fra
 device-to-device copy bandwidth measured in the same run (``cudaMemcpy``, read + write bytes):
 ``backward_reduce`` reads x and dy (2S, S = bytes of x), ``batch_stats`` reads x (S),
 ``scale_shift`` reads x and writes y (2S), ``backward_apply`` reads x, dy and writes dx (3S).
-The floor of a training step is 8S / copy bandwidth (forward 3S, backward 5S).
+The floor of a training step is 8S / copy bandwidth (forward 3S, backward 5S). The sum of
+the four kernels' times is reported beside the layer's step: the difference is what the
+per-channel glue around them costs (invstd, coefficients, running statistics, gradients: about
+thirty small CuPy launches per step in xbn.functional and xbn.layers), i.e. what fusing that glue
+into the kernels could win.
 
 Writes ``gpu.md`` (tables), ``gpu.json`` (raw medians and all samples; GPU name, driver, CUDA,
 CuPy and torch versions) and ``gpu.png`` under ``--out`` (default ``benchmarks/results``).
@@ -342,15 +346,18 @@ def write_markdown(path: Path, results: list[dict[str, Any]], meta: dict[str, An
         "## Training step (forward + backward)",
         "",
         "| shape | label | xbn ms | torch ms | aten ms | generic ms | xbn/torch | generic/xbn "
-        "| xbn/floor |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| xbn/floor | kernels Σ ms | glue ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         m = r["median_s"]
+        ksum = r.get("kernel_sum_s")
+        glue = None if ksum is None or m.get("xbn") is None else m["xbn"] - ksum
         lines.append(
             f"| {r['shape_name']} | {r['label']} | {_ms(m.get('xbn'))} | {_ms(m.get('torch'))} | "
             f"{_ms(m.get('aten'))} | {_ms(m.get('generic'))} | {_ratio(m.get('xbn'), m.get('torch'))} "
-            f"| {_ratio(m.get('generic'), m.get('xbn'))} | {_ratio(m.get('xbn'), r['floor_s'])} |"
+            f"| {_ratio(m.get('generic'), m.get('xbn'))} | {_ratio(m.get('xbn'), r['floor_s'])} "
+            f"| {_ms(ksum)} | {_ms(glue)} |"
         )
     lines += [
         "",
@@ -526,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
                 med = statistics.median(v)
                 entry["kernel_median_s"][k] = med
                 entry["kernel_gbs"][k] = KERNEL_BYTES[k] * nbytes / med / 1e9
+            if len(entry["kernel_median_s"]) == len(KERNEL_BYTES):
+                entry["kernel_sum_s"] = sum(entry["kernel_median_s"].values())
             del cases, xs, dys, kcases
         except Exception as e:  # record and go on: one shape's failure should not lose the rest
             entry["errors"].append(f"{type(e).__name__}: {e}")
