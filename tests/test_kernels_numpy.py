@@ -3,12 +3,13 @@
 Every registered op is run through ``resolve("numpy")`` (fast) and ``resolve("numpy",
 generic=True)`` (generic) on the same inputs: shapes that exercise each walk of the kernel
 (row layout, column layout, folded columns, split rows, the thread pool), every channel axis,
-the three float dtypes and non-contiguous inputs. Timing is not tested here: see
-``xbn bench --cpu``.
+the three float dtypes and non-contiguous inputs; on both engines, the NumPy passes and the
+compiled loops (when numba is installed). Timing is not tested here: see ``xbn bench --cpu``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import tracemalloc
 
 import numpy as np
@@ -21,6 +22,19 @@ from xbn.kernels import numpy as kn
 
 FAST = backends.resolve("numpy").ops
 GENERIC = backends.resolve("numpy", generic=True).ops
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+
+
+@pytest.fixture(autouse=True, params=[
+    "numpy",
+    pytest.param("numba", marks=pytest.mark.skipif(not HAVE_NUMBA, reason="numba is not installed")),
+])
+def engine(request):
+    """Every test runs on the NumPy passes, and again on the compiled loops where numba is."""
+    before = kn._engine
+    kn.set_engine(request.param)
+    yield request.param
+    kn._engine = before
 
 # (shape, channel axis): C=1 and C=3, spatial 1, 7 and prime extents, large C with tiny
 # spatial size, channels-last, a channel axis in the middle, rows long enough for the row
@@ -88,9 +102,20 @@ def _permuted(x, order):
 # -- registration and routing ---------------------------------------------------------------
 
 
-def test_all_ops_registered():
+def test_all_ops_registered(engine):
     assert set(FAST.fast) == set(backends.OP_NAMES)
     assert GENERIC.fast == ()
+    assert kn.get_engine() == engine
+
+
+def test_engine_choice():
+    with pytest.raises(ValueError):
+        kn.set_engine("fortran")
+    if not HAVE_NUMBA:
+        with pytest.raises(ImportError):
+            kn.set_engine("numba")
+        kn.set_engine("auto")
+        assert kn.get_engine() == "numpy"
 
 
 @pytest.mark.parametrize("make, fast", [
@@ -342,7 +367,9 @@ def test_set_num_threads_validates(threads):
         threads(0)
 
 
-def test_errors_in_workers_propagate(threads, monkeypatch):
+def test_errors_in_workers_propagate(threads, monkeypatch, engine):
+    if engine != "numpy":
+        pytest.skip("the thread pool belongs to the NumPy passes")
     threads(2)
     x, _ = _data((8, 16, 64, 64), np.float32)
 

@@ -13,8 +13,8 @@ that the load of a shared machine falls on all of them alike; medians and ratios
 * ``naive``: a textbook NumPy batch norm (``mean``/``var`` over axes, a materialized x_hat).
 
 The floor is the byte count over a measured copy bandwidth (``np.copyto`` of a 256 MiB array,
-read + write bytes, split over the threads): training forward 3S, backward 5S, eval forward
-2S, S = bytes of x. Writes ``cpu.md``, ``cpu.json`` and ``cpu.png`` under ``--out``.
+read + write bytes, split over the threads, run inside the same interleaved loop so that it
+sees the same machine load): training forward 3S, backward 5S, eval forward 2S, S = bytes of x. Writes ``cpu.md``, ``cpu.json`` and ``cpu.png`` under ``--out``.
 
 Run: ``xbn bench --cpu`` or ``python benchmarks/cpu.py`` (options: ``--help``).
 """
@@ -55,7 +55,9 @@ def _parse_shape(text: str) -> tuple[tuple[int, ...], int, str]:
     dims, _, axis = text.partition(":")
     shape = tuple(int(d) for d in dims.lower().split("x"))
     ax = int(axis) if axis else 1
-    return shape, ax, "NHWC" if ax % len(shape) == len(shape) - 1 and len(shape) > 2 else "custom"
+    if ax % len(shape) == len(shape) - 1 and len(shape) > 2:
+        return shape, ax, "NHWC" if len(shape) == 4 else "channels-last"
+    return shape, ax, {2: "NC", 3: "NCL", 4: "NCHW", 5: "NCDHW"}.get(len(shape), "custom") if ax == 1 else "custom"
 
 
 def _shape_name(shape: tuple[int, ...], axis: int) -> str:
@@ -169,29 +171,30 @@ def _make_cases(shape: tuple[int, ...], axis: int, with_torch: bool) -> dict[str
 # -- measurement --------------------------------------------------------------------------
 
 
-def copy_bandwidth(threads: int, nbytes: int, repeats: int) -> float:
-    """Best-of-median copy bandwidth in bytes/s (read + write), the copy split over threads."""
-    n = nbytes // 4
-    src = np.ones(n, np.float32)
-    dst = np.empty_like(src)
-    parts = [slice(i * n // threads, (i + 1) * n // threads) for i in range(threads)]
-    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+class Copy:
+    """np.copyto of a large array, split over ``threads``: the bandwidth the floor is taken from.
 
-    def copy() -> None:
-        if pool is None:
-            np.copyto(dst, src)
+    It runs inside the interleaved loop, once per round, so that the floor follows the same
+    machine load as the timings it is compared with.
+    """
+
+    def __init__(self, threads: int, nbytes: int):
+        n = nbytes // 4
+        self.src = np.ones(n, np.float32)
+        self.dst = np.empty_like(self.src)
+        self.parts = [slice(i * n // threads, (i + 1) * n // threads) for i in range(threads)]
+        self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        self.bytes = 2 * self.src.nbytes  # read + write
+
+    def __call__(self) -> None:
+        if self.pool is None:
+            np.copyto(self.dst, self.src)
         else:
-            list(pool.map(lambda s: np.copyto(dst[s], src[s]), parts))
+            list(self.pool.map(lambda s: np.copyto(self.dst[s], self.src[s]), self.parts))
 
-    copy()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        copy()
-        times.append(time.perf_counter() - t0)
-    if pool is not None:
-        pool.shutdown()
-    return 2 * src.nbytes / statistics.median(times)
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 def _blas_limit(threads: int) -> Any:
@@ -202,18 +205,27 @@ def _blas_limit(threads: int) -> Any:
     return threadpool_limits(limits=threads, user_api="blas")
 
 
-def measure(cases: dict[str, dict[str, Callable[[], Any]]], repeats: int, warmup: int = 2) -> dict[str, dict[str, list[float]]]:
+def measure(
+    cases: dict[str, dict[str, Callable[[], Any]]], repeats: int, copy: Copy, copy_every: int = 1, warmup: int = 2
+) -> dict[str, dict[str, list[float]]]:
     """Interleaved timings in seconds: per implementation, 'fwd', 'bwd', 'train' (= fwd + bwd
-    of one step) and 'eval'. Each repeat runs every implementation once, in turn."""
+    of one step) and 'eval'; and the copy's bandwidth. Each repeat runs every implementation
+    once, in turn, after the copy (every ``copy_every``-th repeat)."""
     names = list(cases)
     out: dict[str, dict[str, list[float]]] = {n: {"fwd": [], "bwd": [], "train": [], "eval": []} for n in names}
+    out["copy"] = {"bandwidth": []}
     for _ in range(warmup):
+        copy()
         for n in names:
             cases[n]["fwd"](), cases[n]["bwd"]()
             if "eval" in cases[n]:
                 cases[n]["eval"]()
     clock = time.perf_counter
-    for _ in range(repeats):
+    for r in range(repeats):
+        if r % copy_every == 0:
+            t0 = clock()
+            copy()
+            out["copy"]["bandwidth"].append(copy.bytes / (clock() - t0))
         for n in names:
             c = cases[n]
             t0 = clock()
@@ -312,9 +324,13 @@ def write_markdown(path: Path, results: list[dict[str, Any]], meta: dict[str, An
         + ", ".join(f"{t} thread{'s' if t > 1 else ''} {bw / 1e9:.1f} GB/s" for t, bw in sorted(meta["bandwidth"].items()))
         + ".",
         "",
+        f"xbn engine: {meta['engine']} ("
+        + ("compiled single-pass loops, numba" if meta["engine"] == "numba" else "cache-blocked NumPy passes; numba not in use")
+        + "). "
         f"float32; median of {meta['repeats']} interleaved repeats (xbn, torch, naive in turn), "
         "times in ms. torch = aten native_batch_norm + native_batch_norm_backward (same work as the "
-        "layer, no autograd); floor = bytes / copy bandwidth at that thread count (train 8S, eval 2S).",
+        "layer, no autograd); floor = bytes / copy bandwidth (median of copies interleaved with that "
+        "row's timings, same thread count; train 8S, eval 2S).",
         "",
         "## Training step (forward + backward)",
         "",
@@ -400,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 15; small shapes 200)")
     p.add_argument("--out", default="benchmarks/results", help="output folder (default: benchmarks/results)")
     p.add_argument("--quick", action="store_true", help="3 repeats and a 64 MiB copy: a smoke run, not a measurement")
+    p.add_argument("--engine", choices=["auto", "numpy", "numba"], default="auto",
+                   help="xbn's NumPy fast paths: compiled loops when numba is installed (auto), or NumPy passes")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if it is installed")
     p.add_argument("--no-plot", action="store_true", help="skip cpu.png")
     return p
@@ -415,30 +433,36 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print("torch is not installed: comparing with the naive NumPy reference only", file=sys.stderr)
             with_torch = False
+    from xbn.kernels import numpy as kn
+
+    kn.set_engine(args.engine)
+    engine = kn.get_engine()
+    print(f"xbn NumPy fast paths on the {engine} engine", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     copy_bytes = (64 << 20) if args.quick else COPY_BYTES
 
-    bandwidth: dict[int, float] = {}
+    bandwidth: dict[int, list[float]] = {}
     results: list[dict[str, Any]] = []
     for threads in args.threads:
         _set_threads(threads, with_torch)
+        copy = Copy(threads, copy_bytes)
         with _blas_limit(threads):
-            bw = copy_bandwidth(threads, copy_bytes, 3 if args.quick else 9)
-            # the floor at t threads uses the best bandwidth seen with at most t threads
-            bandwidth[threads] = max([bw] + [b for t, b in bandwidth.items() if t <= threads])
             for shape, axis, layout in shapes:
                 nbytes = math.prod(shape) * 4
                 repeats = args.repeats or (3 if args.quick else (15 if nbytes >= (4 << 20) else 200))
                 cases = _make_cases(shape, axis, with_torch)
-                raw = measure(cases, repeats)
+                # small shapes repeat often: a copy every 20th round is enough there
+                raw = measure(cases, repeats, copy, copy_every=1 if repeats <= 50 else 20)
                 del cases
+                bw_samples = raw.pop("copy")["bandwidth"]
+                bandwidth.setdefault(threads, []).extend(bw_samples)
                 med = {n: {k: (statistics.median(v) if v else None) for k, v in d.items()} for n, d in raw.items()}
-                bwt = bandwidth[threads]
+                bwt = statistics.median(bw_samples)
                 floor = {"fwd": 3 * nbytes / bwt, "bwd": 5 * nbytes / bwt, "train": 8 * nbytes / bwt, "eval": 2 * nbytes / bwt}
                 r = {
                     "shape": list(shape), "axis": axis, "layout": layout, "shape_name": _shape_name(shape, axis),
-                    "threads": threads, "bytes": nbytes, "repeats": repeats,
+                    "threads": threads, "bytes": nbytes, "repeats": repeats, "copy_bandwidth_Bps": bwt,
                     "median_s": med, "floor_s": floor, "times_s": raw,
                 }
                 results.append(r)
@@ -451,8 +475,12 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
 
+        copy.close()
+
     command = "xbn bench --cpu -- " + " ".join(argv if argv is not None else sys.argv[1:])
-    meta = {"machine": machine_info(), "bandwidth": bandwidth, "repeats": args.repeats or "15 (200 for inputs under 4 MiB)",
+    default_repeats = "3" if args.quick else "15 (200 for inputs under 4 MiB)"
+    meta = {"machine": machine_info(), "bandwidth": {t: statistics.median(v) for t, v in bandwidth.items()},
+            "engine": engine, "repeats": args.repeats or default_repeats,
             "quick": args.quick, "command": command.strip(), "copy_bytes": copy_bytes,
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (out / "cpu.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))

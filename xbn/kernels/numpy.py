@@ -35,7 +35,7 @@ import numpy as np
 from .. import functional as F
 from ..backends import register_kernel
 
-__all__ = ["get_num_threads", "set_num_threads"]
+__all__ = ["get_engine", "get_num_threads", "set_engine", "set_num_threads"]
 
 # A chunk of about this many bytes (in the compute dtype), plus a scratch buffer or two of
 # the same size, stays in a 1-2 MiB L2 while the several NumPy passes over it run.
@@ -58,6 +58,9 @@ _COL_MAX = 16384
 # A buffer shorter than a row disables that; the size only matters for broadcasting and
 # casting, never for the order of a reduction here (all reductions are BLAS or float64 sums).
 _BUFSIZE = 1024
+# The compiled loops take one row per (sample, channel) from this many values on (a vector
+# register's worth, a few times over); below it, columns.
+_NB_ROW_MIN = 16
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _SCOPED_BUFSIZE = np.lib.NumpyVersion(np.__version__) >= "2.0.0"  # context-local since 2.0
 
@@ -73,6 +76,10 @@ def _default_threads() -> int:
 
 
 _num_threads = _default_threads()
+# "auto": the compiled single-pass loops of xbn.kernels._numba_cpu when numba is installed,
+# else NumPy passes; "numpy": NumPy passes only (XBN_NUMPY_ENGINE=numpy rules numba out).
+_engine = os.environ.get("XBN_NUMPY_ENGINE", "auto").strip().lower() or "auto"
+_compiled_module: Any = None  # the loaded xbn.kernels._numba_cpu, False once known unavailable
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -94,6 +101,38 @@ def set_num_threads(n: int) -> None:
             _pool = None
 
 
+def get_engine() -> str:
+    """What the fast paths run on: "numba" (compiled single-pass loops) or "numpy" (passes)."""
+    return "numba" if _compiled() is not None else "numpy"
+
+
+def set_engine(name: str) -> None:
+    """"auto" (numba when installed, the default), or "numpy" to use NumPy passes only."""
+    global _engine
+    if name not in ("auto", "numpy", "numba"):
+        raise ValueError(f"engine must be 'auto', 'numba' or 'numpy', got {name!r}")
+    if name == "numba" and _load_compiled() is None:
+        raise ImportError("engine 'numba' needs numba: pip install numba")
+    _engine = name
+
+
+def _load_compiled() -> Any:
+    global _compiled_module
+    if _compiled_module is None:
+        try:
+            from . import _numba_cpu
+        except ImportError:
+            _compiled_module = False
+        else:
+            _compiled_module = _numba_cpu
+    return _compiled_module or None
+
+
+def _compiled() -> Any:
+    """The compiled loops when they are to be used, else None."""
+    return None if _engine == "numpy" else _load_compiled()
+
+
 def _get_pool(workers: int) -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
@@ -104,25 +143,35 @@ def _get_pool(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def _run_tasks(n_tasks: int, nbytes: int, scratch: Callable[[], Any], task: Callable[[int, Any], None]) -> None:
+def _run_tasks(g: "_Geom", nbytes: int, scratch: Callable[[], Any], task: Callable[[int, Any], None]) -> None:
     """Run ``task(i, s)`` for i in range(n_tasks), each thread with its own scratch ``s``.
 
     Tasks are handed out dynamically (a core that another process is using should not hold the
     others up), which keeps results reproducible because a task's result depends only on ``i``.
     """
+    n_tasks = g.n_tasks
+    # per-row broadcasts are the ones the bufsize matters for (see _BUFSIZE)
+    bufsize = g.rows and _SCOPED_BUFSIZE
+    if n_tasks == 1 and not bufsize:
+        task(0, scratch())  # small inputs: every microsecond of set-up shows
+        return
     threads = min(_num_threads, n_tasks) if nbytes >= _PARALLEL_MIN_BYTES else 1
     counter = itertools.count()
 
+    def work() -> None:
+        s = scratch()
+        while True:
+            i = next(counter)  # atomic under the GIL
+            if i >= n_tasks:
+                return
+            task(i, s)
+
     def worker() -> None:
-        with np.errstate():  # scopes the bufsize below to this call
-            if _SCOPED_BUFSIZE:
-                np.setbufsize(_BUFSIZE)
-            s = scratch()
-            while True:
-                i = next(counter)  # atomic under the GIL
-                if i >= n_tasks:
-                    return
-                task(i, s)
+        if not bufsize:
+            return work()
+        with np.errstate():  # scopes the bufsize to this call
+            np.setbufsize(_BUFSIZE)
+            work()
 
     if threads <= 1:
         worker()
@@ -153,12 +202,12 @@ class _Geom:
     (outer/t, t*C*inner), t consecutive outer rows folded into one matrix row; column j
     belongs to channel (j mod C*inner) // inner; a chunk is a block of rows times columns.
 
-    Per-chunk partial results land in arrays of ``part_shape``; summing over ``part_axes``
-    leaves one value per channel.
+    Row partials (rows layout) reshape to ``part_shape`` = (outer, C, k).
     """
 
-    __slots__ = ("order", "shape", "outer", "C", "inner", "rows", "k", "t", "L",
-                 "nrows", "ncols", "rpc", "cpc", "n_rb", "n_cb", "n_tasks", "part_shape", "part_axes")
+    __slots__ = ("order", "shape", "outer", "C", "inner", "rows", "k", "t", "L", "nrows", "ncols",
+                 "rpc", "cpc", "n_rb", "n_cb", "n_tasks", "part_shape", "_ones",
+                 "_channel", "_blocks")
 
     def __init__(self, shape: tuple[int, ...], axis: int, order: tuple[int, ...], itemsize: int):
         self.order = order
@@ -176,7 +225,7 @@ class _Geom:
             self.k, self.t, self.L = k, 1, self.inner // k
             self.nrows, self.ncols = self.outer * self.C * k, self.L
             self.rpc, self.cpc = max(1, chunk // self.L), self.L
-            self.part_shape, self.part_axes = (self.outer, self.C, k), (0, 2)
+            self.part_shape = (self.outer, self.C, k)
         else:
             width = self.C * self.inner
             t = 1
@@ -191,8 +240,33 @@ class _Geom:
         self.n_rb = -(-self.nrows // self.rpc)
         self.n_cb = -(-self.ncols // self.cpc)
         self.n_tasks = self.n_rb * self.n_cb
-        if not self.rows:
-            self.part_shape, self.part_axes = (self.n_rb, self.t, self.C, self.inner), (0, 1, 3)
+        self._ones: dict[np.dtype, np.ndarray] = {}
+        self._channel: np.ndarray | None = None  # channel of each matrix row or column
+        self._blocks: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    # -- the compiled loops' walk: one row per (outer, channel) pair when rows are long enough
+    # to vectorize, else (outer, C*inner) columns in blocks of rows; no folding or splitting,
+    # which only the NumPy passes need against their per-call overhead.
+
+    def nb_rows(self) -> bool:
+        return self.inner >= _NB_ROW_MIN
+
+    def nb_matrix(self, a: np.ndarray) -> np.ndarray:
+        v = a.transpose(self.order) if self.order else a
+        if self.nb_rows():
+            return v.reshape(self.outer * self.C, self.inner)
+        return v.reshape(self.outer, self.C * self.inner)
+
+    def nb_block(self) -> tuple[int, int]:
+        """(rows a block, blocks) of the column walk: about 64 KiB a block, in L2 for the
+        second pass, and fixed by the shape alone."""
+        width = self.C * self.inner
+        blk = max(1, min(1024, (64 << 10) // (4 * width)))
+        return blk, -(-self.outer // blk)
+
+    def nb_cols(self, v: Any, dt: np.dtype) -> np.ndarray:
+        v = np.ascontiguousarray(v, dtype=dt)
+        return v if self.inner == 1 else np.repeat(v, self.inner)
 
     def block(self, i: int) -> tuple[slice, slice]:
         rb, cb = divmod(i, self.n_cb)
@@ -208,10 +282,33 @@ class _Geom:
         if v is None:
             return None
         v = np.asarray(v, dtype=dt)
-        if self.rows:
-            return np.broadcast_to(v[None, :, None], self.part_shape).reshape(-1, 1)
-        per_col = v if self.inner == 1 else np.repeat(v, self.inner)
-        return (per_col if self.t == 1 else np.tile(per_col, self.t))[None, :]
+        if not self.rows and self.t == 1 and self.inner == 1:
+            return v[None, :]
+        if self._channel is None:
+            shape = self.part_shape if self.rows else (self.t, self.C, self.inner)
+            c = np.broadcast_to(np.arange(self.C, dtype=np.intp)[None, :, None], shape).reshape(-1)
+            self._channel = c
+        spread = v.take(self._channel)
+        return spread[:, None] if self.rows else spread[None, :]
+
+    def column_channels(self, cb: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For column block ``cb`` (cols layout): each column's channel, how many columns each
+        channel has there (float64), and that count with 0 replaced by 1 (a safe divisor)."""
+        info = self._blocks.get(cb)
+        if info is None:
+            lo, hi = cb * self.cpc, min(self.ncols, (cb + 1) * self.cpc)
+            ch = (np.arange(lo, hi, dtype=np.intp) % (self.C * self.inner)) // self.inner
+            per_channel = np.bincount(ch, minlength=self.C).astype(np.float64)
+            info = self._blocks[cb] = (ch, per_channel, np.maximum(per_channel, 1.0))
+        return info
+
+    def ones(self, dt: np.dtype) -> np.ndarray:
+        """A vector of ones long enough for the BLAS sums of any chunk (shared, read-only)."""
+        o = self._ones.get(dt)
+        if o is None:
+            o = self._ones[dt] = np.ones(max(self.rpc, self.cpc), dtype=dt)
+            o.flags.writeable = False
+        return o
 
     def coef_block(self, c: np.ndarray, rs: slice, cs: slice) -> np.ndarray:
         return c[rs] if self.rows else c[:, cs]
@@ -247,7 +344,17 @@ def _geometry(x: Any, axis: int, *others: Any) -> _Geom | None:
             return None
     shape = tuple(x.shape[i] for i in order) if order else tuple(x.shape)
     ax = order.index(axis) if order else axis
-    return _Geom(shape, ax, order, 8 if x.dtype == np.float64 else 4)
+    key = (shape, ax, order, x.itemsize == 8)
+    g = _GEOMETRIES.get(key)
+    if g is None:
+        # planning costs tens of microseconds, as much as the whole work on a small input
+        if len(_GEOMETRIES) >= 256:
+            _GEOMETRIES.clear()
+        g = _GEOMETRIES[key] = _Geom(shape, ax, order, 8 if x.itemsize == 8 else 4)
+    return g
+
+
+_GEOMETRIES: dict[tuple[Any, ...], _Geom] = {}
 
 
 def _cdtype(x: np.ndarray) -> np.dtype:
@@ -302,16 +409,18 @@ def batch_stats(x: Any, /, *, axis: int, xp: ModuleType | None = None) -> tuple[
     if g is None:
         return F.batch_stats(x, axis=axis, xp=xp)
     dt = _cdtype(x)
+    nbk = _compiled()
+    if nbk is not None and x.dtype == dt:
+        return _nb_batch_stats(nbk, g, x, dt)
     mat = g.matrix(x)
-    ones = np.ones(max(g.rpc, g.cpc), dtype=dt)
-    # Each partial (a row, or a column of a chunk) of n values is centred on c0 = its rounded
-    # mean; d = sum(v - c0) and q = sum((v - c0)^2) come from the centred copy in cache.
-    # Its exact mean is c0 + d/n and its centred sum of squares q - d^2/n (the corrected
-    # two-pass form): accurate when |mean| >> std, and exactly 0 for a constant channel,
-    # whose v - c0 is one repeated value (so the layer can give such a channel exactly beta).
+    ones = g.ones(dt)
+    # Each partial (a row; or a channel's columns in a chunk) of n values is centred on c0,
+    # its rounded mean; d = sum(v - c0) and q = sum((v - c0)^2) come from the centred copy in
+    # cache. Its exact mean is c0 + d/n and its centred sum of squares q - d^2/n (the corrected
+    # two-pass form): accurate when |mean| >> std, and exactly 0 for a constant channel, whose
+    # v - c0 is one repeated value (so the layer can give such a channel exactly beta).
     if g.rows:
         pctr, pd, pq = (np.empty(g.nrows, dtype=dt) for _ in range(3))
-        n_part: Any = float(g.L)
 
         def task(i: int, s: _Scratch) -> None:
             rs, _ = g.block(i)
@@ -322,43 +431,65 @@ def batch_stats(x: Any, /, *, axis: int, xp: ModuleType | None = None) -> tuple[
             pctr[rs] = ctr
             pd[rs] = c @ ones[: g.L]
             pq[rs] = np.vecdot(c, c)
+
+        _run_tasks(g, x.nbytes, _scratch(g, dt), task)
+        parts = [_rows_by_channel(a, g) for a in (pctr, pd, pq)]
+        n_part: Any = float(g.L)
     else:
-        pctr, pd, pq = (np.empty((g.n_rb, g.ncols), dtype=dt) for _ in range(3))
-        rows_in_block = np.minimum(g.rpc, g.nrows - g.rpc * np.arange(g.n_rb))
-        n_part = rows_in_block.astype(np.float64).reshape(-1, 1, 1, 1)
+        # partials per (chunk, channel): the merge then touches O(chunks * C) numbers, not
+        # O(chunks * columns), which for channels-last inputs is 30x more
+        pctr, pd, pq, pn = (np.zeros((g.n_tasks, g.C)) for _ in range(4))
 
         def task(i: int, s: _Scratch) -> None:
             rs, cs = g.block(i)
-            rb = i // g.n_cb
+            ch, per_channel, safe = g.column_channels(i % g.n_cb)
             blk = _load(mat[rs, cs], dt, s[1])
             n = blk.shape[0]
-            ctr = (ones[:n] @ blk) / dt.type(n)
+            sums = np.bincount(ch, weights=ones[:n] @ blk, minlength=g.C)
+            ctr = (sums / (n * safe)).astype(dt)
             c = _view(s[0], blk.shape)
-            np.subtract(blk, ctr, out=c)
-            pctr[rb, cs] = ctr
-            pd[rb, cs] = ones[:n] @ c
+            np.subtract(blk, ctr.take(ch), out=c)
+            pctr[i] = ctr
+            pd[i] = np.bincount(ch, weights=ones[:n] @ c, minlength=g.C)
             # one pass for square-and-sum down the columns; BLAS has no such call
-            pq[rb, cs] = np.einsum("ij,ij->j", c, c)
+            pq[i] = np.bincount(ch, weights=np.einsum("ij,ij->j", c, c), minlength=g.C)
+            pn[i] = n * per_channel
 
-    _run_tasks(g.n_tasks, x.nbytes, _scratch(g, dt), task)
-    # Chan's merge of the partials in float64, in a fixed order
-    c0, d, q = (a.astype(np.float64).reshape(g.part_shape) for a in (pctr, pd, pq))
-    pmean = c0 + d / n_part
-    pm2 = q - d * d / n_part
-    count = float(x.size // g.C)
-    # summed relative to the first partial's mean, so that a constant channel's mean is its
-    # value exactly (n * v would round for float64 v)
-    ref = pmean[(0, slice(None), 0) if g.rows else (0, 0, slice(None), 0)]
-    mean = ref + (n_part * (pmean - _expand(ref, g))).sum(axis=g.part_axes) / count
-    dev = pmean - _expand(mean, g)
-    m2 = (pm2 + n_part * dev * dev).sum(axis=g.part_axes)
-    var = np.maximum(m2, 0.0) / count
+        _run_tasks(g, x.nbytes, _scratch(g, dt), task)
+        parts, n_part = [pctr, pd, pq], pn
+    mean, var = _chan_merge(*parts, n_part, float(x.size // g.C))
     return mean.astype(dt), var.astype(dt)
 
 
-def _expand(v: np.ndarray, g: _Geom) -> np.ndarray:
-    """A per-channel vector shaped to broadcast against ``g.part_shape``."""
-    return v[None, :, None] if g.rows else v[None, None, :, None]
+def _rows_by_channel(a: np.ndarray, g: _Geom) -> np.ndarray:
+    """Row partials (one per matrix row) as a float64 (partials, C) array."""
+    return a.astype(np.float64).reshape(g.part_shape).transpose(0, 2, 1).reshape(-1, g.C)
+
+
+def _chan_merge(ctr: np.ndarray, d: np.ndarray, q: np.ndarray, n: Any, count: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (mean, var) from (P, C) float64 partials, merged in a fixed order.
+
+    A partial has n values (n = 0: the channel is not in it), centre ctr, d = sum(v - ctr) and
+    q = sum((v - ctr)^2). With u = its mean minus the first partial's mean, mean = ref +
+    sum(n u) / M and M2 = sum(q - d^2 / n) + sum(n u^2) - M ubar^2: every term small, and a
+    constant channel's mean is its value exactly (where sum(n * v) / M would round for
+    float64 v) and its variance exactly 0.
+    """
+    if np.ndim(n):
+        present = n > 0
+        d_n = d / np.where(present, n, 1.0)
+        first = present.argmax(axis=0)
+    else:
+        d_n = d / n
+        first = np.zeros(ctr.shape[1], dtype=np.intp)
+    u = ctr + d_n
+    ref = u[first, np.arange(u.shape[1])]
+    u -= ref
+    nu = n * u
+    ubar = nu.sum(axis=0) / count
+    q = q - d * d_n + nu * u
+    m2 = q.sum(axis=0) - count * ubar * ubar
+    return ref + ubar, np.maximum(m2, 0.0) / count
 
 
 # -- scale_shift ----------------------------------------------------------------------------
@@ -370,6 +501,9 @@ def scale_shift(x: Any, scale: Any, shift: Any, /, *, axis: int, xp: ModuleType 
     dt = _float_dtype(scale)
     if g is None or dt is None or (shift is not None and _float_dtype(shift) != dt):
         return F.scale_shift(x, scale, shift, axis=axis, xp=xp)
+    nbk = _compiled()
+    if nbk is not None and x.dtype == dt:
+        return _nb_scale_shift(nbk, g, x, scale, shift, dt)
     y = g.empty_like(x.dtype)
     mat, out = g.matrix(x), g.matrix(y)
     a, b = g.coef(scale, dt), g.coef(shift, dt)
@@ -386,7 +520,7 @@ def scale_shift(x: Any, scale: Any, shift: Any, /, *, axis: int, xp: ModuleType 
         if not direct:
             np.copyto(out[rs, cs], dst, casting="unsafe")
 
-    _run_tasks(g.n_tasks, x.nbytes + y.nbytes, _scratch(g, dt), task)
+    _run_tasks(g, x.nbytes + y.nbytes, _scratch(g, dt), task)
     return y
 
 
@@ -399,9 +533,12 @@ def backward_reduce(dy: Any, x: Any, mean: Any, /, *, axis: int, xp: ModuleType 
     dt = _float_dtype(mean)
     if g is None or dt is None:
         return F.backward_reduce(dy, x, mean, axis=axis, xp=xp)
+    nbk = _compiled()
+    if nbk is not None and x.dtype == dy.dtype == dt:
+        return _nb_backward_reduce(nbk, g, dy, x, mean, dt)
     mx, mdy = g.matrix(x), g.matrix(dy)
     mu = g.coef(mean, dt)
-    ones = np.ones(max(g.rpc, g.cpc), dtype=dt)
+    ones = g.ones(dt)
     if g.rows:
         p_dy, p_dyx = (np.empty(g.nrows, dtype=dt) for _ in range(2))
 
@@ -413,23 +550,23 @@ def backward_reduce(dy: Any, x: Any, mean: Any, /, *, axis: int, xp: ModuleType 
             p_dy[rs] = d @ ones[: g.L]
             p_dyx[rs] = np.vecdot(c, d)
     else:
-        p_dy, p_dyx = (np.empty((g.n_rb, g.ncols), dtype=dt) for _ in range(2))
+        p_dy, p_dyx = (np.empty((g.n_tasks, g.C)) for _ in range(2))
 
         def task(i: int, s: _Scratch) -> None:
             rs, cs = g.block(i)
-            rb = i // g.n_cb
+            ch = g.column_channels(i % g.n_cb)[0]
             d = _load(mdy[rs, cs], dt, s[1])
             n = d.shape[0]
             c = _view(s[0], d.shape)
             np.subtract(_load(mx[rs, cs], dt, s[0]), mu[:, cs], out=c)
-            p_dy[rb, cs] = ones[:n] @ d
-            p_dyx[rb, cs] = np.einsum("ij,ij->j", c, d)
+            p_dy[i] = np.bincount(ch, weights=ones[:n] @ d, minlength=g.C)
+            p_dyx[i] = np.bincount(ch, weights=np.einsum("ij,ij->j", c, d), minlength=g.C)
 
-    _run_tasks(g.n_tasks, x.nbytes + dy.nbytes, _scratch(g, dt), task)
+    _run_tasks(g, x.nbytes + dy.nbytes, _scratch(g, dt), task)
+    if g.rows:
+        p_dy, p_dyx = _rows_by_channel(p_dy, g), _rows_by_channel(p_dyx, g)
     # partials are added in float64 in a fixed order and rounded once
-    sum_dy = p_dy.astype(np.float64).reshape(g.part_shape).sum(axis=g.part_axes)
-    sum_dyx = p_dyx.astype(np.float64).reshape(g.part_shape).sum(axis=g.part_axes)
-    return sum_dy.astype(dt), sum_dyx.astype(dt)
+    return p_dy.sum(axis=0).astype(dt), p_dyx.sum(axis=0).astype(dt)
 
 
 # -- backward_apply -------------------------------------------------------------------------
@@ -444,6 +581,9 @@ def backward_apply(
     dt = _float_dtype(k_dy)
     if g is None or dt is None:
         return F.backward_apply(dy, x, mean, k_dy, k_xmu, k_const, axis=axis, xp=xp)
+    nbk = _compiled()
+    if nbk is not None and x.dtype == dy.dtype == dt:
+        return _nb_backward_apply(nbk, g, dy, x, (mean, k_dy, k_xmu, k_const), dt)
     dx = g.empty_like(dy.dtype)
     mx, mdy, out = g.matrix(x), g.matrix(dy), g.matrix(dx)
     direct = dy.dtype == dt
@@ -478,7 +618,7 @@ def backward_apply(
             if not direct:
                 np.copyto(out[rs, cs], dst, casting="unsafe")
 
-    _run_tasks(g.n_tasks, x.nbytes + 2 * dy.nbytes, _scratch(g, dt), task)
+    _run_tasks(g, x.nbytes + 2 * dy.nbytes, _scratch(g, dt), task)
     return dx
 
 
@@ -492,12 +632,83 @@ def _fold_backward(mean: Any, k_dy: Any, k_xmu: Any, k_const: Any, dt: np.dtype)
     |mean|. It needs k_xmu and k_dy nonzero in every channel (gamma = 0, as in a zero-initialised
     residual branch, or sum(dy * (x - mean)) = 0 exactly, take the five-pass form instead).
     """
-    k_dy, k_xmu, k_const, mean = (np.asarray(v, dtype=np.float64) for v in (k_dy, k_xmu, k_const, mean))
-    if not (np.all(k_dy != 0) and np.all(k_xmu != 0)):
+    kd, kx = np.asarray(k_dy, np.float64), np.asarray(k_xmu, np.float64)
+    if not (kd.all() and kx.all()):
         return None
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        centre = (mean - k_const / k_xmu).astype(dt)
-        ratio = (k_xmu / k_dy).astype(dt)
-    if not (np.all(np.isfinite(centre)) and np.all(np.isfinite(ratio)) and np.all(ratio != 0)):
-        return None
+    with np.errstate(all="ignore"):
+        centre = (np.asarray(mean, np.float64) - np.asarray(k_const, np.float64) / kx).astype(dt)
+        ratio = (kx / kd).astype(dt)
+        # an inf or nan anywhere shows in the sum (as may an overflowing sum: then too, no fold)
+        if not (np.isfinite(centre.sum() + ratio.sum()) and ratio.all()):
+            return None
     return centre, ratio
+
+
+# -- the compiled route (numba) -------------------------------------------------------------
+# One pass per op; the same partials and the same float64 merges as the NumPy passes. Inputs
+# that need a dtype conversion (float16, mixed dtypes) stay on the NumPy passes.
+
+
+def _nb_threads(nbk: Any, nbytes: int) -> None:
+    nbk.set_threads(_num_threads if nbytes >= _PARALLEL_MIN_BYTES else 1)
+
+
+def _nb_vec(v: Any, dt: np.dtype) -> np.ndarray:
+    return np.ascontiguousarray(v, dtype=dt)
+
+
+def _nb_batch_stats(nbk: Any, g: _Geom, x: np.ndarray, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    _nb_threads(nbk, x.nbytes)
+    m = g.nb_matrix(x)
+    if g.nb_rows():
+        ctr, d, q = (np.empty(m.shape[0]) for _ in range(3))
+        nbk.rows_stats(m, ctr, d, q)
+        parts = [a.reshape(g.outer, g.C) for a in (ctr, d, q)]
+        n_part: Any = float(g.inner)
+    else:
+        blk, nblocks = g.nb_block()
+        ctr, d, q = (np.empty((nblocks, m.shape[1])) for _ in range(3))
+        nbk.cols_stats(m, blk, ctr, d, q)
+        parts = [a.reshape(nblocks, g.C, g.inner).transpose(0, 2, 1).reshape(-1, g.C) for a in (ctr, d, q)]
+        rows = np.minimum(blk, g.outer - blk * np.arange(nblocks)).astype(np.float64)
+        n_part = np.broadcast_to(rows[:, None, None], (nblocks, g.inner, g.C)).reshape(-1, g.C)
+    mean, var = _chan_merge(*parts, n_part, float(x.size // g.C))
+    return mean.astype(dt), var.astype(dt)
+
+
+def _nb_scale_shift(nbk: Any, g: _Geom, x: np.ndarray, scale: Any, shift: Any, dt: np.dtype) -> np.ndarray:
+    _nb_threads(nbk, 2 * x.nbytes)
+    y = g.empty_like(x.dtype)
+    b = np.zeros(g.C, dt) if shift is None else shift
+    if g.nb_rows():
+        nbk.rows_affine(g.nb_matrix(x), _nb_vec(scale, dt), _nb_vec(b, dt), g.C, g.nb_matrix(y))
+    else:
+        nbk.cols_affine(g.nb_matrix(x), g.nb_cols(scale, dt), g.nb_cols(b, dt), g.nb_block()[0], g.nb_matrix(y))
+    return y
+
+
+def _nb_backward_reduce(nbk: Any, g: _Geom, dy: np.ndarray, x: np.ndarray, mean: Any, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    _nb_threads(nbk, 2 * x.nbytes)
+    mx, mdy = g.nb_matrix(x), g.nb_matrix(dy)
+    if g.nb_rows():
+        sdy, sdx = np.empty(mx.shape[0]), np.empty(mx.shape[0])
+        nbk.rows_backward_reduce(mx, mdy, _nb_vec(mean, dt), g.C, sdy, sdx)
+        shape, axes = (g.outer, g.C), (0,)
+    else:
+        blk, nblocks = g.nb_block()
+        sdy, sdx = np.empty((nblocks, mx.shape[1])), np.empty((nblocks, mx.shape[1]))
+        nbk.cols_backward_reduce(mx, mdy, g.nb_cols(mean, dt), blk, sdy, sdx)
+        shape, axes = (nblocks, g.C, g.inner), (0, 2)
+    # float64 sums of the partials, in a fixed order
+    return sdy.reshape(shape).sum(axis=axes).astype(dt), sdx.reshape(shape).sum(axis=axes).astype(dt)
+
+
+def _nb_backward_apply(nbk: Any, g: _Geom, dy: np.ndarray, x: np.ndarray, coefs: tuple[Any, ...], dt: np.dtype) -> np.ndarray:
+    _nb_threads(nbk, 3 * x.nbytes)
+    dx = g.empty_like(dy.dtype)
+    mx, mdy, out = g.nb_matrix(x), g.nb_matrix(dy), g.nb_matrix(dx)
+    if g.nb_rows():
+        nbk.rows_backward_apply(mx, mdy, *(_nb_vec(v, dt) for v in coefs), g.C, out)
+    else:
+        nbk.cols_backward_apply(mx, mdy, *(g.nb_cols(v, dt) for v in coefs), g.nb_block()[0], out)
+    return dx
