@@ -130,14 +130,13 @@ def problems_in_log(log: str) -> list[str]:
     return bad
 
 
-def planned_kernels() -> set[str]:
-    """Every entry point the launch planner can name."""
-    names = set()
-    for op in _launch.OPS:
-        for kind in ("ncl", "nlc"):
-            for suffix in ("v1", "vw"):
-                names.add(f"xbn_{op}_{kind}_{suffix}")
-    return names
+def planned_kernels(key: str) -> set[str]:
+    """Every entry point the launch planner can name for dtype ``key``: each family, layout and
+    vector width vector_width() can return for that dtype's item size."""
+    itemsize = {"f32": 4, "f64": 8, "f16": 2, "bf16": 2}[key]
+    widths = {1} | {n // itemsize for n in _launch.VECTOR_BYTES if n // itemsize > 1}
+    return {f"xbn_{op}_{kind}_v{w}" for op in _launch.OPS for kind in ("ncl", "nlc")
+            for w in widths}
 
 
 def compile_one(nvrtc, source: str, key: str, arch: str):
@@ -171,12 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"NVRTC {version[0]}.{version[1]} ({where})")
     failures: list[str] = []
     report: list[dict[str, object]] = []
-    defined: set[str] = set()
+    defined: dict[str, set[str]] = {key: set() for key in _source.DTYPE_KEYS}
 
     for source in _source.SOURCES:
-        expected = set(_source.kernel_names(source))
-        defined |= expected
         for key in _source.DTYPE_KEYS:
+            expected = set(_source.kernel_names(source, key))
+            defined[key] |= expected
             for arch in archs:
                 error, log, cubin, options = compile_one(nvrtc, source, key, arch)
                 tag = f"{source} [{key}, {arch}]"
@@ -207,9 +206,11 @@ def main(argv: list[str] | None = None) -> int:
                 if cubin <= 0:
                     failures.append(f"{tag}: empty cubin")
 
-    unknown = planned_kernels() - defined
-    if unknown:
-        failures.append(f"the launch planner names kernels no source defines: {sorted(unknown)}")
+    for key in _source.DTYPE_KEYS:
+        unknown = planned_kernels(key) - defined[key]
+        if unknown:
+            failures.append(f"[{key}] the launch planner names kernels no source defines: "
+                            f"{sorted(unknown)}")
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

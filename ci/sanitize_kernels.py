@@ -57,9 +57,10 @@ def main() -> int:
         bf16 = None
         print("bfloat16: not available in this CuPy, its kernels are not exercised")
 
-    # (shape, axis): ncl vector / scalar, nlc vector / scalar, and splits of each layout.
+    # (shape, axis): ncl and nlc with 16-byte, 8-byte and scalar loads; splits of each layout.
     shapes = [
         ((4, 3, 64), 1), ((4, 3, 7), 1), ((64, 16), 1), ((64, 3), 1), ((5, 7, 3), -1),
+        ((4, 3, 6), 1), ((4, 3, 196), 1), ((64, 6), 1), ((64, 12), 1),  # 8-byte vectors
         ((2, 2, 65536), 1), ((2, 2, 65537), 1), ((16384, 16), 1), ((9001, 3), 1), ((3, 1, 4097), 1),
     ]
     failures = []
@@ -103,8 +104,9 @@ def main() -> int:
                     failures.append(f"{name} {shape} axis {axis} {what}: relative error {err:.2e}")
 
     expected = {
-        (_launch.dtype_key(n), f"xbn_{op}_{kind}_{v}")
-        for n in dtypes for op in _launch.OPS for kind in ("ncl", "nlc") for v in ("v1", "vw")
+        (_launch.dtype_key(n), f"xbn_{op}_{kind}_v{w}")
+        for n in dtypes for op in _launch.OPS for kind in ("ncl", "nlc")
+        for w in _launch.WIDTHS[_launch.dtype_key(n)]
     }
     missing = sorted(expected - ran)
     if missing:

@@ -84,17 +84,34 @@ def test_dtypes():
 
 # -- vector width ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("itemsize", "wide"), [(4, 4), (8, 2), (2, 8)])
-def test_vector_width(itemsize, wide):
+@pytest.mark.parametrize(("itemsize", "wide", "half"), [(4, 4, 2), (8, 2, 1), (2, 8, 4)])
+def test_vector_width(itemsize, wide, half):
     ncl = L.Layout("ncl", 4, 3, wide * 5)
     assert L.vector_width(ncl, itemsize, (0, 256, 4096)) == wide
     assert L.vector_width(ncl, itemsize, (0, 256 + itemsize)) == 1        # a misaligned pointer
-    assert L.vector_width(ncl, itemsize, (8,)) == 1                       # 8-byte aligned only
-    assert L.vector_width(L.Layout("ncl", 4, 3, wide * 5 + 1), itemsize, (0,)) == 1  # S % W
+    assert L.vector_width(ncl, itemsize, (8,)) == half                    # 8-byte aligned only
+    assert L.vector_width(ncl, itemsize, (0, 24)) == half
+    odd = L.Layout("ncl", 4, 3, wide * 5 + 1)
+    assert L.vector_width(odd, itemsize, (0,)) == 1                       # S odd
+    if half > 1:                                                          # S % W != 0, S % (W/2) == 0
+        assert L.vector_width(L.Layout("ncl", 4, 3, wide * 5 + half), itemsize, (0,)) == half
     nlc = L.Layout("nlc", 100, wide * 3, 1)
     assert L.vector_width(nlc, itemsize, (0,)) == wide
-    assert L.vector_width(L.Layout("nlc", 100, wide * 3 + 1, 1), itemsize, (0,)) == 1  # C % W
+    assert L.vector_width(L.Layout("nlc", 100, wide * 3 + 1, 1), itemsize, (0,)) == 1  # C odd
     assert L.vector_width(ncl, itemsize) == wide                           # no pointers: aligned
+
+
+def test_vector_width_of_common_shapes():
+    fp16_14x14 = L.plan_layout((128, 256, 14, 14), 1, c_contiguous=True)
+    assert L.vector_width(fp16_14x14, 2) == 4                              # 8-byte loads
+    assert L.vector_width(fp16_14x14, 4) == 4                              # float4
+    assert L.vector_width(L.plan_layout((128, 512, 7, 7), 1, c_contiguous=True), 2) == 1
+
+
+def _widths(layout: L.Layout, itemsize: int) -> set[int]:
+    run = layout.inner if layout.kind == "ncl" else layout.channels
+    return {1} | {n // itemsize for n in L.VECTOR_BYTES
+                  if n // itemsize > 1 and run % (n // itemsize) == 0}
 
 
 # -- launch plans ------------------------------------------------------------------------------
@@ -115,7 +132,7 @@ def _is_pow2(n: int) -> bool:
 @pytest.mark.parametrize("sm_count", [1, 8, 132])
 def test_plan_invariants(op, itemsize, sm_count):
     for shape, layout in _layouts():
-        for vec in {1, L.vector_width(layout, itemsize)}:
+        for vec in _widths(layout, itemsize):
             p = L.plan(op, layout, vec, sm_count=sm_count, threads_per_sm=1024)
             gx, gy, gz = p.grid
             bx, by, bz = p.block
@@ -123,7 +140,7 @@ def test_plan_invariants(op, itemsize, sm_count):
             assert 1 <= bx * by <= L.MAX_THREADS
             assert 1 <= gx <= L.MAX_GRID_X and 1 <= gy <= L.MAX_GRID_Y
             assert p.parts == gy
-            assert p.kernel == f"xbn_{op}_{layout.kind}_{'vw' if vec > 1 else 'v1'}"
+            assert p.kernel == f"xbn_{op}_{layout.kind}_v{vec}"
             if layout.kind == "ncl":
                 n, c, sv, chunk = p.args
                 assert (n, c) == (layout.outer, layout.channels) and sv * vec == layout.inner
@@ -172,6 +189,8 @@ def test_plan_rejects_bad_requests():
         L.plan("normalize", L.Layout("ncl", 1, 1, 4), 1, sm_count=1)
     with pytest.raises(ValueError, match="does not divide"):
         L.plan("stats", L.Layout("ncl", 1, 2, 6), 4, sm_count=1)
+    with pytest.raises(ValueError, match="is not 1, 2, 4 or 8"):
+        L.plan("stats", L.Layout("ncl", 1, 2, 6), 3, sm_count=1)
     with pytest.raises(ValueError, match="does not divide"):
         L.plan("stats", L.Layout("nlc", 5, 6, 1), 4, sm_count=1)
 
@@ -283,7 +302,7 @@ def test_index_walk_visits_every_element_once(op):
     for shape, axis in shapes:
         layout = L.plan_layout(shape, axis, c_contiguous=True)
         for itemsize in (2, 4):
-            for vec in {1, L.vector_width(layout, itemsize)}:
+            for vec in _widths(layout, itemsize):
                 for sm in (1, 8, 132):
                     p = L.plan(op, layout, vec, sm_count=sm, threads_per_sm=512)
                     visits = _ncl_walk(p) if layout.kind == "ncl" else _nlc_walk(p)
@@ -293,18 +312,35 @@ def test_index_walk_visits_every_element_once(op):
 
 # -- sources and the registered fast paths ------------------------------------------------------
 
-def test_sources_define_every_planned_kernel():
+@pytest.mark.parametrize(("key", "itemsize"), [("f32", 4), ("f64", 8), ("f16", 2), ("bf16", 2)])
+def test_sources_define_every_planned_kernel(key, itemsize):
     defined = set()
     for name in _source.SOURCES:
-        defined |= set(_source.kernel_names(name))
+        defined |= set(_source.kernel_names(name, key))
         text = _source.kernel_source(name)
         assert "#include" not in text.replace("#include <", "")  # local headers inlined
         assert "XBN_COMMON_CUH" in text
-    planned = {f"xbn_{op}_{k}_{v}" for op in L.OPS for k in ("ncl", "nlc") for v in ("v1", "vw")}
-    assert planned <= defined
+    widths = {1} | {n // itemsize for n in L.VECTOR_BYTES if n // itemsize > 1}
+    assert set(L.WIDTHS[key]) == widths
+    planned = {f"xbn_{op}_{k}_v{w}" for op in L.OPS for k in ("ncl", "nlc") for w in widths}
+    assert planned == defined
     for op, source in L.SOURCE_OF.items():
         assert source in _source.SOURCES
-        assert f"xbn_{op}_ncl_v1" in _source.kernel_names(source)
+        assert f"xbn_{op}_ncl_v1" in _source.kernel_names(source, key)
+
+
+def test_width_macro_matches_widths_table():
+    """XBN_FOR_EACH_WIDTH in the header instantiates exactly WIDTHS per item size."""
+    import re
+
+    header = _source.kernel_source("bn_stats.cu")
+    found = dict(re.findall(r"#(?:el)?if XBN_ITEMSIZE == (\d)\n#define XBN_FOR_EACH_WIDTH\(M\) (.*)", header))
+    other = re.search(r"#else\n#define XBN_FOR_EACH_WIDTH\(M\) (.*)", header).group(1)
+    def widths(text):
+        return tuple(int(w) for w in re.findall(r"M\(v\d, (\d)\)", text))
+    assert widths(found["8"]) == L.WIDTHS["f64"]
+    assert widths(found["4"]) == L.WIDTHS["f32"]
+    assert widths(other) == L.WIDTHS["f16"] == L.WIDTHS["bf16"]
 
 
 def test_compile_options():
@@ -365,5 +401,7 @@ def test_check_kernels_parses_ptxas_reports():
     assert ck.problems_in_log("ptxas warning : Registers are spilled\nfine\n") == [
         "ptxas warning : Registers are spilled"]
     assert len(ck.problems_in_log('k.cu(3): error #177-D: variable "x" was declared')) == 1
-    assert ck.planned_kernels() == {
-        f"xbn_{op}_{k}_{v}" for op in L.OPS for k in ("ncl", "nlc") for v in ("v1", "vw")}
+    assert ck.planned_kernels("f16") == {
+        f"xbn_{op}_{k}_v{w}" for op in L.OPS for k in ("ncl", "nlc") for w in (1, 4, 8)}
+    assert ck.planned_kernels("f64") == {
+        f"xbn_{op}_{k}_v{w}" for op in L.OPS for k in ("ncl", "nlc") for w in (1, 2)}

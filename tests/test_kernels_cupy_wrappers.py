@@ -121,7 +121,7 @@ def test_vector_width_follows_real_pointers(fake):
     m1, v1 = kc.launch_batch_stats(aligned, axis=1)
     m2, v2 = kc.launch_batch_stats(shifted, axis=1)
     names = [name for _, name, _, _ in cp.launches]
-    assert names == ["xbn_stats_ncl_vw", "xbn_stats_ncl_v1"]
+    assert names == ["xbn_stats_ncl_v4", "xbn_stats_ncl_v1"]
     np.testing.assert_allclose(np.asarray(v1), np.asarray(v2), rtol=1e-6)
 
 

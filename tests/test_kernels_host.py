@@ -131,12 +131,13 @@ def test_grid_reduction_is_bitwise_reproducible_whichever_block_ends_last(shape,
 @pytest.mark.parametrize(("shape", "axis"), [((4, 3, 64), 1), ((64, 16), 1), ((2, 4, 4, 16), -1)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_scalar_and_vector_paths_agree(shape, axis, dtype):
+    """16-byte vectors against scalar loads (the 8-byte width: test_eight_byte_vectors)."""
     x, xv = _data(shape, dtype, 6)
     layout = L.plan_layout(shape, axis, c_contiguous=True)
     assert L.vector_width(layout, hk.itemsize(dtype)) > 1
     m_w, v_w, p_w = hk.batch_stats(x, dtype, axis=axis, wide=True)
     m_s, v_s, p_s = hk.batch_stats(x, dtype, axis=axis, wide=False)
-    assert p_w.kernel.endswith("_vw") and p_s.kernel.endswith("_v1")
+    assert p_w.kernel.endswith(f"_v{16 // hk.itemsize(dtype)}") and p_s.kernel.endswith("_v1")
     tol = REDUCE_TOL[dtype]
     assert _rel(m_w, m_s.astype(np.float64)) <= tol and _rel(v_w, v_s.astype(np.float64)) <= tol
     scale = np.linspace(0.5, 2.0, shape[axis])
@@ -175,3 +176,33 @@ def test_harness_reports_a_broken_launch():
               "ws_n": np.zeros(1, np.int32), "counters": np.zeros(1, np.uint32)}
     with pytest.raises(hk.HostRunError, match="not whole warps"):
         hk.run_kernel("f32", bad, "stats", values)
+
+
+@pytest.mark.parametrize(("shape", "axis", "dtype", "width"), [
+    ((4, 3, 196), 1, "float16", 4),      # 14x14 planes in float16: 8-byte loads
+    ((4, 3, 196), 1, "bfloat16", 4),
+    ((5, 2, 6), 1, "float32", 2),        # S = 6: float2
+    ((64, 12), 1, "float16", 4),         # channels-last, C = 12
+    ((64, 6), 1, "float32", 2),
+])
+def test_eight_byte_vectors(shape, axis, dtype, width):
+    x, xv = _data(shape, dtype, 8)
+    axes, bs = _axes(len(shape), axis), _bshape(len(shape), axis)
+    mean, var, plan = hk.batch_stats(x, dtype, axis=axis, seed=3)
+    assert plan.kernel.endswith(f"_v{width}")
+    assert _rel(var, xv.var(axis=axes)) <= REDUCE_TOL[dtype]
+    acc = np.dtype(L.accumulator_dtype(dtype))
+    mu = xv.mean(axis=axes).astype(acc)
+    s_dy, s_dy_xmu, plan = hk.backward_reduce(x, x, mu, dtype, axis=axis, seed=3)
+    assert plan.kernel.endswith(f"_v{width}")
+    assert _rel(s_dy_xmu, (xv * (xv - mu.astype(np.float64).reshape(bs))).sum(axis=axes)) \
+        <= 4 * REDUCE_TOL[dtype]
+    k = np.linspace(0.5, 1.5, shape[axis]).astype(acc)
+    dx, plan = hk.backward_apply(x, x, mu, k, k, k, dtype, axis=axis)
+    assert plan.kernel.endswith(f"_v{width}")
+    k64 = k.astype(np.float64).reshape(bs)
+    ref = xv * k64 + (xv - mu.astype(np.float64).reshape(bs)) * k64 + k64
+    assert _rel(hk.from_storage(dx, dtype), ref) <= OUTPUT_TOL[dtype]
+    y, plan = hk.scale_shift(x, k, k, dtype, axis=axis)
+    assert plan.kernel.endswith(f"_v{width}")
+    assert _rel(hk.from_storage(y, dtype), xv * k64 + k64) <= OUTPUT_TOL[dtype]

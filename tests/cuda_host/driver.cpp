@@ -290,7 +290,8 @@ struct entry {
 };
 
 const std::map<std::string, entry>& kernels() {
-    static const std::map<std::string, entry> table = {XBN_THUNKS(v1) XBN_THUNKS(vw)};
+#define XBN_THUNKS_OF_WIDTH(S, W) XBN_THUNKS(S)
+    static const std::map<std::string, entry> table = {XBN_FOR_EACH_WIDTH(XBN_THUNKS_OF_WIDTH)};
     return table;
 }
 

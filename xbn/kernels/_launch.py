@@ -26,7 +26,7 @@ Layout(kind='nlc', outer=4096, channels=1024, inner=1)
 >>> p = plan("backward_reduce", plan_layout((32, 64, 56, 56), 1, c_contiguous=True), 4,
 ...          sm_count=132, threads_per_sm=1024)
 >>> p.kernel, p.grid, p.block
-('xbn_backward_reduce_ncl_vw', (64, 8, 1), (256, 1, 1))
+('xbn_backward_reduce_ncl_v4', (64, 8, 1), (256, 1, 1))
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ __all__ = [
     "INDEX_LIMIT",
     "OPS",
     "REDUCTIONS",
+    "WIDTHS",
     "DTYPES",
     "Layout",
     "Fallback",
@@ -62,8 +63,8 @@ __all__ = [
 MAX_THREADS = 256
 #: Independent vector loads per thread before the first use (XBN_UNROLL in the .cu files).
 UNROLL = 4
-#: Wide vectors move 16 bytes: float4, double2, 8 halves.
-VECTOR_BYTES = 16
+#: Vector loads move 16 bytes (float4, double2, 8 halves) or, failing that, 8 bytes.
+VECTOR_BYTES = (16, 8)
 MAX_GRID_X = 2**31 - 1
 MAX_GRID_Y = 65535
 #: The kernels index with 32-bit ints; a thread's last group may run up to UNROLL blocks past
@@ -102,6 +103,11 @@ DTYPES = {
     "float16": ("f16", "float32"),
     "bfloat16": ("bf16", "float32"),
 }
+
+
+#: Vector widths (elements) each dtype key's kernels are instantiated for: 1, 8 bytes, 16 bytes
+#: (XBN_FOR_EACH_WIDTH in xbn_common.cuh); a kernel is named by it: xbn_<op>_<layout>_v<W>.
+WIDTHS = {"f32": (1, 2, 4), "f64": (1, 2), "f16": (1, 4, 8), "bf16": (1, 4, 8)}
 
 
 def dtype_key(name: str) -> str | None:
@@ -205,14 +211,20 @@ def plan_layout(shape: Iterable[int], axis: int, *, c_contiguous: bool) -> Layou
 
 
 def vector_width(layout: Layout, itemsize: int, pointers: Iterable[int] = ()) -> int:
-    """Elements per load: 16 bytes' worth when every pointer is 16-byte aligned and the
-    contiguous run (S for ncl, C for nlc) is a multiple of it, so no vector crosses a channel
-    (nlc) or a plane (ncl) and every vector address stays aligned; else 1.
+    """Elements per load: 16 bytes' worth, else 8 bytes' worth, else 1. A width is taken when
+    every pointer is aligned to its bytes and the contiguous run (S for ncl, C for nlc) is a
+    multiple of it, so no vector crosses a plane (ncl) or a row (nlc) and every vector address
+    stays aligned.
+
+    >>> vector_width(Layout("ncl", 128, 256, 196), 2)     # 14x14 float16: 196 = 4 * 49
+    4
     """
-    wide = max(1, VECTOR_BYTES // int(itemsize))
     run = layout.inner if layout.kind == "ncl" else layout.channels
-    if wide > 1 and run % wide == 0 and all(int(p) % VECTOR_BYTES == 0 for p in pointers):
-        return wide
+    pointers = [int(p) for p in pointers]
+    for nbytes in VECTOR_BYTES:
+        width = nbytes // int(itemsize)
+        if width > 1 and run % width == 0 and all(p % nbytes == 0 for p in pointers):
+            return width
     return 1
 
 
@@ -237,8 +249,10 @@ def plan(
     """
     if op not in OPS:
         raise ValueError(f"unknown kernel family {op!r}; expected one of {OPS}")
+    if vec not in (1, 2, 4, 8):
+        raise ValueError(f"vector width {vec} is not 1, 2, 4 or 8")
     reduction = op in REDUCTIONS
-    suffix = "vw" if vec > 1 else "v1"
+    suffix = f"v{vec}"
     c = layout.channels
     if layout.kind == "ncl":
         if layout.inner % vec:

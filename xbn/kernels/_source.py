@@ -31,7 +31,7 @@ HEADERS = ("xbn_common.cuh",)
 DTYPE_KEYS = ("f32", "f64", "f16", "bf16")
 
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"[ \t]*$', re.MULTILINE)
-_ENTRY = re.compile(r'extern "C" __global__ void __launch_bounds__\([^)]*\)\s+(\w+)##SUFFIX')
+_ENTRY = re.compile(r'extern "C" __global__ void __launch_bounds__\([^)]*\)\s+(\w+_)##SUFFIX')
 
 
 def _read(name: str) -> str:
@@ -69,13 +69,14 @@ def compile_options(key: str) -> tuple[str, ...]:
     return ("--std=c++17", f"-DXBN_DTYPE_{key.upper()}")
 
 
-def kernel_names(name: str) -> tuple[str, ...]:
-    """The extern "C" entry points ``name`` defines (both vector widths of each).
+def kernel_names(name: str, key: str) -> tuple[str, ...]:
+    """The extern "C" entry points ``name`` defines when compiled for dtype ``key``.
 
-    >>> kernel_names("bn_stats.cu")
-    ('xbn_stats_ncl_v1', 'xbn_stats_nlc_v1', 'xbn_stats_ncl_vw', 'xbn_stats_nlc_vw')
+    >>> kernel_names("bn_stats.cu", "f16")
+    ('xbn_stats_ncl_v1', 'xbn_stats_nlc_v1', 'xbn_stats_ncl_v4', 'xbn_stats_nlc_v4', 'xbn_stats_ncl_v8', 'xbn_stats_nlc_v8')
     """
+    from ._launch import WIDTHS
+
     text = _read(name).replace("\\\n", " ")
     bases = _ENTRY.findall(text)
-    suffixes = re.findall(r"^XBN_\w+_ENTRIES\((\w+),", text, re.MULTILINE)
-    return tuple(f"{b}{s}" for s in suffixes for b in bases)
+    return tuple(f"{b}v{w}" for w in WIDTHS[key] for b in bases)

@@ -4,9 +4,9 @@
 // finish (threadfence + counter) adds the slots up in slot order, so results are bitwise
 // reproducible run after run.
 //
-// Entry points (v1: scalar loads; vw: 16-byte vectors):
-//   xbn_backward_reduce_ncl_{v1,vw}  (N, C, S); grid (C, parts), block (threads, 1, 1)
-//   xbn_backward_reduce_nlc_{v1,vw}  (R, C);    grid (ceil(C / W / TX), parts), block (TX, TY)
+// Entry points (_v1: scalar loads; _v2/_v4/_v8: W-element vectors of 8 or 16 bytes):
+//   xbn_backward_reduce_ncl_v*  (N, C, S); grid (C, parts), block (threads, 1, 1)
+//   xbn_backward_reduce_nlc_v*  (R, C);    grid (ceil(C / W / TX), parts), block (TX, TY)
 
 #include "xbn_common.cuh"
 
@@ -235,5 +235,4 @@ __device__ __forceinline__ void xbn_backward_reduce_nlc(
                                    counters, rows, cvs, chunk_rows);                           \
     }
 
-XBN_BACKWARD_REDUCE_ENTRIES(v1, 1)
-XBN_BACKWARD_REDUCE_ENTRIES(vw, XBN_WIDE)
+XBN_FOR_EACH_WIDTH(XBN_BACKWARD_REDUCE_ENTRIES)

@@ -230,5 +230,4 @@ __device__ __forceinline__ void xbn_backward_apply_nlc(
                                   chunk_rows);                                                  \
     }
 
-XBN_ELEMENTWISE_ENTRIES(v1, 1)
-XBN_ELEMENTWISE_ENTRIES(vw, XBN_WIDE)
+XBN_FOR_EACH_WIDTH(XBN_ELEMENTWISE_ENTRIES)

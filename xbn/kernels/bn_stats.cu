@@ -3,9 +3,9 @@
 // its channel, and the last block to finish merges the per-block partials in slice order, so
 // the same input gives bitwise the same statistics whichever block happens to finish last.
 //
-// Entry points (W = 1: scalar loads; vw: 16-byte vectors, W = XBN_WIDE):
-//   xbn_stats_ncl_{v1,vw}  channel-major (N, C, S); grid (C, parts), block (threads, 1, 1)
-//   xbn_stats_nlc_{v1,vw}  channels-last (R, C); grid (ceil(C / W / TX), parts), block (TX, TY)
+// Entry points (_v1: scalar loads; _v2/_v4/_v8: W-element vectors of 8 or 16 bytes):
+//   xbn_stats_ncl_v*  channel-major (N, C, S); grid (C, parts), block (threads, 1, 1)
+//   xbn_stats_nlc_v*  channels-last (R, C); grid (ceil(C / W / TX), parts), block (TX, TY)
 // Workspace (only when parts > 1): partial means, M2 and counts, C * parts each, and one
 // zeroed unsigned counter per channel (ncl) or per column of blocks (nlc), left zeroed again.
 
@@ -274,5 +274,4 @@ __device__ __forceinline__ void xbn_stats_nlc(const xbn_t* __restrict__ x,
                          chunk_rows);                                                        \
     }
 
-XBN_STATS_ENTRIES(v1, 1)
-XBN_STATS_ENTRIES(vw, XBN_WIDE)
+XBN_FOR_EACH_WIDTH(XBN_STATS_ENTRIES)

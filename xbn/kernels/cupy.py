@@ -3,7 +3,7 @@
 The CUDA C sources (``bn_stats.cu``, ``bn_backward_reduce.cu``, ``bn_elementwise.cu`` and their
 header ``xbn_common.cuh``) ship as package data and are compiled with NVRTC through
 ``cupy.RawModule``, once per (source, dtype, device) per process: a dtype is a ``-DXBN_DTYPE_*``
-define, and both vector widths of every kernel come from the same compilation.
+define, and every vector width of every kernel comes from the same compilation.
 
 What the kernels take, and what goes to the generic :mod:`xbn.functional` path instead:
 
@@ -26,7 +26,8 @@ slice of one channel's N*S values; ``parts`` splits a channel only as far as one
 the GPU needs (small C, large N*S). The channels-last family runs blocks of (TX, TY) threads,
 TX across channels (each thread owning 1 or W channels), TY across rows, and splits rows over
 ``parts`` blocks. Loads are 16 bytes wide (float4, double2, 8 halves) when every pointer is
-16-byte aligned and S (or C, channels-last) is a multiple of the width, else scalar.
+16-byte aligned and S (or C, channels-last) is a multiple of the width, else 8 bytes wide
+(float2, 4 halves; 14x14 float16 planes) under the same conditions, else scalar.
 
 Determinism: no floating-point atomics. A reduction split over ``parts`` blocks writes one
 partial per block to a workspace slot of its own; the last block to finish (threadfence, then
@@ -213,7 +214,7 @@ def _output(out: Array | None, x: Array, shape: tuple[int, ...], dtype: Any) -> 
 
 
 def _plan(op: str, layout: _launch.Layout, key: str, vec: int, device_id: int) -> _launch.LaunchPlan:
-    name = f"xbn_{op}_{layout.kind}_{'vw' if vec > 1 else 'v1'}"
+    name = f"xbn_{op}_{layout.kind}_v{vec}"
     source = _launch.SOURCE_OF[op]
     return _launch.plan(
         op,

@@ -12,12 +12,15 @@
 #if defined(XBN_DTYPE_F32)
 typedef float xbn_t;   // storage type of x, dy, y, dx
 typedef float acc_t;   // accumulation type, and the dtype of every per-channel vector
+#define XBN_ITEMSIZE 4
 #elif defined(XBN_DTYPE_F64)
 typedef double xbn_t;
 typedef double acc_t;
+#define XBN_ITEMSIZE 8
 #elif defined(XBN_DTYPE_F16) || defined(XBN_DTYPE_BF16)
 typedef unsigned short xbn_t;  // the raw 16 bits
 typedef float acc_t;
+#define XBN_ITEMSIZE 2
 #else
 #error "define one of XBN_DTYPE_F32, XBN_DTYPE_F64, XBN_DTYPE_F16, XBN_DTYPE_BF16"
 #endif
@@ -28,8 +31,16 @@ typedef float acc_t;
 // Independent vector loads each thread issues before it uses any of them (memory-level
 // parallelism); the host's chunk sizes are planned with the same number.
 #define XBN_UNROLL 4
-// Elements per wide vector: 16 bytes (float4, double2, 8 halves).
-#define XBN_WIDE ((int)(16 / sizeof(xbn_t)))
+// Each kernel is instantiated for W = 1 and for the vector widths of 8 and 16 bytes (W > 1),
+// named by W: _v1, _v2, _v4 for float32, _v1, _v2 for float64, _v1, _v4, _v8 for 16-bit types.
+// M(SUFFIX, W) defines the entry points of one width. (xbn/kernels/_launch.py: WIDTHS.)
+#if XBN_ITEMSIZE == 8
+#define XBN_FOR_EACH_WIDTH(M) M(v1, 1) M(v2, 2)
+#elif XBN_ITEMSIZE == 4
+#define XBN_FOR_EACH_WIDTH(M) M(v1, 1) M(v2, 2) M(v4, 4)
+#else
+#define XBN_FOR_EACH_WIDTH(M) M(v1, 1) M(v4, 4) M(v8, 8)
+#endif
 
 __device__ __forceinline__ acc_t xbn_load_acc(xbn_t v);
 __device__ __forceinline__ xbn_t xbn_store_acc(acc_t v);
