@@ -157,7 +157,7 @@ def test_plan_invariants(op, itemsize, sm_count):
             assert chunk * gy >= extent and chunk * (gy - 1) < extent
             if op in L.REDUCTIONS and gy > 1:
                 assert p.workspace == layout.channels * gy and p.counters == gx
-                wave = sm_count * max(1, 1024 // (bx * by))
+                wave = sm_count * max(1, min(L.BLOCKS_PER_SM, 1024 // (bx * by)))
                 assert gx * gy <= wave, "a split reduction must fit in one wave"
             else:
                 assert p.workspace == 0 and p.counters == 0

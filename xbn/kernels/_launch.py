@@ -72,6 +72,8 @@ MAX_GRID_Y = 65535
 INDEX_LIMIT = 2**31 - 2**24
 #: Threads an SM keeps resident on sm_80 / sm_90 (the default when the device is not asked).
 THREADS_PER_SM = 2048
+#: Blocks an SM keeps resident at most (sm_80 / sm_90), whatever their size.
+BLOCKS_PER_SM = 32
 
 #: Kernel families, one per op of :data:`xbn.backends.OP_NAMES` (``stats`` is ``batch_stats``).
 OPS = ("stats", "backward_reduce", "scale_shift", "backward_apply")
@@ -262,7 +264,7 @@ def plan(
         threads = min(MAX_THREADS, max(32, next_pow2(_cdiv(mv, UNROLL))))
         group = threads * UNROLL
         if reduction:
-            wave = sm_count * max(1, threads_per_sm // threads)
+            wave = sm_count * max(1, min(BLOCKS_PER_SM, threads_per_sm // threads))
             parts = min(wave // c, _cdiv(mv, group))
         else:
             parts = _cdiv(mv, group)
@@ -288,7 +290,7 @@ def plan(
         gx = _cdiv(cvs, tx)
         group = ty * UNROLL
         if reduction:
-            wave = sm_count * max(1, threads_per_sm // (tx * ty))
+            wave = sm_count * max(1, min(BLOCKS_PER_SM, threads_per_sm // (tx * ty)))
             parts = min(wave // gx, _cdiv(rows, group))
         else:
             parts = _cdiv(rows, group)
