@@ -322,7 +322,10 @@ def write_markdown(path: Path, results: list[dict[str, Any]], meta: dict[str, An
         f"NumPy {meta['machine']['numpy']}, torch {meta['machine'].get('torch')}, Python {meta['machine']['python']}. "
         f"Copy bandwidth (np.copyto, read + write): "
         + ", ".join(f"{t} thread{'s' if t > 1 else ''} {bw / 1e9:.1f} GB/s" for t, bw in sorted(meta["bandwidth"].items()))
-        + ".",
+        + "."
+        + (f" Load average (1 min) before / after the run: {meta['loadavg_before'][0]:.2f} / {meta['loadavg_after'][0]:.2f}"
+           f" on {meta['machine'].get('usable_cpus', '?')} cores (above 0 means other processes shared the machine)."
+           if meta.get("loadavg_before") and meta.get("loadavg_after") else ""),
         "",
         f"xbn engine: {meta['engine']} ("
         + ("compiled single-pass loops, numba" if meta["engine"] == "numba" else "cache-blocked NumPy passes; numba not in use")
@@ -444,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bandwidth: dict[int, list[float]] = {}
     results: list[dict[str, Any]] = []
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     for threads in args.threads:
         _set_threads(threads, with_torch)
         copy = Copy(threads, copy_bytes)
@@ -481,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     default_repeats = "3" if args.quick else "15 (200 for inputs under 4 MiB)"
     meta = {"machine": machine_info(), "bandwidth": {t: statistics.median(v) for t, v in bandwidth.items()},
             "engine": engine, "repeats": args.repeats or default_repeats,
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "quick": args.quick, "command": command.strip(), "copy_bytes": copy_bytes,
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (out / "cpu.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))

@@ -157,6 +157,10 @@ def cols_backward_apply(X, D, mean, k_dy, k_xmu, k_const, blk, DX):  # pragma: n
                 DX[i, j] = D[i, j] * k_dy[j] + (X[i, j] - mean[j]) * k_xmu[j] + k_const[j]
 
 
-def set_threads(n: int) -> None:
-    """Run the next parallel loops of this thread on ``n`` threads (at most numba's pool)."""
+def set_threads(n: int, chunk: int) -> None:
+    """Run this thread's next parallel loops on ``n`` threads (at most numba's pool), handing
+    out ``chunk`` iterations at a time: dynamic scheduling, so that a core busy with another
+    process delays one chunk rather than half the work. Which thread runs an iteration never
+    changes its result."""
     nb.set_num_threads(max(1, min(n, nb.config.NUMBA_NUM_THREADS)))
+    nb.set_parallel_chunksize(max(1, chunk) if n > 1 else 0)

@@ -258,10 +258,11 @@ class _Geom:
         return v.reshape(self.outer, self.C * self.inner)
 
     def nb_block(self) -> tuple[int, int]:
-        """(rows a block, blocks) of the column walk: about 64 KiB a block, in L2 for the
-        second pass, and fixed by the shape alone."""
+        """(rows a block, blocks) of the column walk, fixed by the shape alone: about 256 KiB
+        a block, in L2 for the second pass, and few enough blocks that merging one partial per
+        (block, column) costs little next to the pass itself."""
         width = self.C * self.inner
-        blk = max(1, min(1024, (64 << 10) // (4 * width)))
+        blk = max(1, min(4096, _CHUNK_BYTES // (4 * width)))
         return blk, -(-self.outer // blk)
 
     def nb_cols(self, v: Any, dt: np.dtype) -> np.ndarray:
@@ -649,8 +650,10 @@ def _fold_backward(mean: Any, k_dy: Any, k_xmu: Any, k_const: Any, dt: np.dtype)
 # that need a dtype conversion (float16, mixed dtypes) stay on the NumPy passes.
 
 
-def _nb_threads(nbk: Any, nbytes: int) -> None:
-    nbk.set_threads(_num_threads if nbytes >= _PARALLEL_MIN_BYTES else 1)
+def _nb_threads(nbk: Any, g: _Geom, nbytes: int) -> None:
+    # about one chunk of the NumPy passes per hand-out: a row or a column block
+    chunk = max(1, (_CHUNK_BYTES // 4) // g.inner) if g.nb_rows() else 1
+    nbk.set_threads(_num_threads if nbytes >= _PARALLEL_MIN_BYTES else 1, chunk)
 
 
 def _nb_vec(v: Any, dt: np.dtype) -> np.ndarray:
@@ -658,7 +661,7 @@ def _nb_vec(v: Any, dt: np.dtype) -> np.ndarray:
 
 
 def _nb_batch_stats(nbk: Any, g: _Geom, x: np.ndarray, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    _nb_threads(nbk, x.nbytes)
+    _nb_threads(nbk, g, x.nbytes)
     m = g.nb_matrix(x)
     if g.nb_rows():
         ctr, d, q = (np.empty(m.shape[0]) for _ in range(3))
@@ -671,13 +674,13 @@ def _nb_batch_stats(nbk: Any, g: _Geom, x: np.ndarray, dt: np.dtype) -> tuple[np
         nbk.cols_stats(m, blk, ctr, d, q)
         parts = [a.reshape(nblocks, g.C, g.inner).transpose(0, 2, 1).reshape(-1, g.C) for a in (ctr, d, q)]
         rows = np.minimum(blk, g.outer - blk * np.arange(nblocks)).astype(np.float64)
-        n_part = np.broadcast_to(rows[:, None, None], (nblocks, g.inner, g.C)).reshape(-1, g.C)
+        n_part = np.repeat(rows, g.inner)[:, None]
     mean, var = _chan_merge(*parts, n_part, float(x.size // g.C))
     return mean.astype(dt), var.astype(dt)
 
 
 def _nb_scale_shift(nbk: Any, g: _Geom, x: np.ndarray, scale: Any, shift: Any, dt: np.dtype) -> np.ndarray:
-    _nb_threads(nbk, 2 * x.nbytes)
+    _nb_threads(nbk, g, 2 * x.nbytes)
     y = g.empty_like(x.dtype)
     b = np.zeros(g.C, dt) if shift is None else shift
     if g.nb_rows():
@@ -688,7 +691,7 @@ def _nb_scale_shift(nbk: Any, g: _Geom, x: np.ndarray, scale: Any, shift: Any, d
 
 
 def _nb_backward_reduce(nbk: Any, g: _Geom, dy: np.ndarray, x: np.ndarray, mean: Any, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    _nb_threads(nbk, 2 * x.nbytes)
+    _nb_threads(nbk, g, 2 * x.nbytes)
     mx, mdy = g.nb_matrix(x), g.nb_matrix(dy)
     if g.nb_rows():
         sdy, sdx = np.empty(mx.shape[0]), np.empty(mx.shape[0])
@@ -704,7 +707,7 @@ def _nb_backward_reduce(nbk: Any, g: _Geom, dy: np.ndarray, x: np.ndarray, mean:
 
 
 def _nb_backward_apply(nbk: Any, g: _Geom, dy: np.ndarray, x: np.ndarray, coefs: tuple[Any, ...], dt: np.dtype) -> np.ndarray:
-    _nb_threads(nbk, 3 * x.nbytes)
+    _nb_threads(nbk, g, 3 * x.nbytes)
     dx = g.empty_like(dy.dtype)
     mx, mdy, out = g.nb_matrix(x), g.nb_matrix(dy), g.nb_matrix(dx)
     if g.nb_rows():
