@@ -13,24 +13,39 @@ data still in cache, and the partials are merged in float64 by the caller in a f
 same on every call and for any thread count, since a partial never spans threads); no
 ``nnan``/``ninf``, so NaN and inf propagate as in NumPy.
 
-Importing this module imports numba; :mod:`xbn.kernels.numpy` does so lazily and only when
-numba is installed.
+:mod:`xbn.kernels.numpy` imports this module on first use; without numba it still imports
+(so that doctest collection and introspection work) with ``AVAILABLE = False``, and the NumPy
+passes are used. The first call of each loop compiles it (about a second; cached on disk
+afterwards, next to this file or in numba's user cache directory).
 """
 
 from __future__ import annotations
 
-import numba as nb
+from typing import Any, Callable
+
 import numpy as np
-from numba import prange
+
+try:
+    import numba as nb
+    from numba import prange
+except ImportError:
+    nb = None
+    prange = range
+AVAILABLE = nb is not None
 
 _FAST = {"reassoc", "nsz", "contract"}
-_OPTS = dict(parallel=True, fastmath=_FAST, cache=True, nogil=True)
+
+
+def _jit(fn: Callable[..., Any]) -> Callable[..., Any]:
+    if nb is None:
+        return fn  # never called: xbn.kernels.numpy checks AVAILABLE first
+    return nb.njit(parallel=True, fastmath=_FAST, cache=True, nogil=True)(fn)
 
 
 # -- rows: R is (outer * C, L), row r holds L values of channel r % C ---------------------------
 
 
-@nb.njit(**_OPTS)
+@_jit
 def rows_stats(R, ctr, d, q):  # pragma: no cover - compiled
     n, L = R.shape
     inv_l = 1.0 / L
@@ -51,7 +66,7 @@ def rows_stats(R, ctr, d, q):  # pragma: no cover - compiled
         q[r] = sq
 
 
-@nb.njit(**_OPTS)
+@_jit
 def rows_affine(R, a, b, C, Y):  # pragma: no cover - compiled
     n, L = R.shape
     for r in prange(n):
@@ -61,7 +76,7 @@ def rows_affine(R, a, b, C, Y):  # pragma: no cover - compiled
             Y[r, j] = R[r, j] * ar + br
 
 
-@nb.njit(**_OPTS)
+@_jit
 def rows_backward_reduce(X, D, mean, C, sdy, sdx):  # pragma: no cover - compiled
     n, L = X.shape
     for r in prange(n):
@@ -76,7 +91,7 @@ def rows_backward_reduce(X, D, mean, C, sdy, sdx):  # pragma: no cover - compile
         sdx[r] = b
 
 
-@nb.njit(**_OPTS)
+@_jit
 def rows_backward_apply(X, D, mean, k_dy, k_xmu, k_const, C, DX):  # pragma: no cover - compiled
     n, L = X.shape
     for r in prange(n):
@@ -92,7 +107,7 @@ def rows_backward_apply(X, D, mean, k_dy, k_xmu, k_const, C, DX):  # pragma: no 
 # -- cols: X is (rows, W), column j has per-column coefficients; blocks of `blk` rows ---------
 
 
-@nb.njit(**_OPTS)
+@_jit
 def cols_stats(X, blk, ctr, d, q):  # pragma: no cover - compiled
     M, W = X.shape
     nblocks = ctr.shape[0]
@@ -120,7 +135,7 @@ def cols_stats(X, blk, ctr, d, q):  # pragma: no cover - compiled
             q[bi, j] = sq[j]
 
 
-@nb.njit(**_OPTS)
+@_jit
 def cols_affine(X, a, b, blk, Y):  # pragma: no cover - compiled
     M, W = X.shape
     nblocks = (M + blk - 1) // blk
@@ -130,7 +145,7 @@ def cols_affine(X, a, b, blk, Y):  # pragma: no cover - compiled
                 Y[i, j] = X[i, j] * a[j] + b[j]
 
 
-@nb.njit(**_OPTS)
+@_jit
 def cols_backward_reduce(X, D, mean, blk, sdy, sdx):  # pragma: no cover - compiled
     M, W = X.shape
     nblocks = sdy.shape[0]
@@ -147,7 +162,7 @@ def cols_backward_reduce(X, D, mean, blk, sdy, sdx):  # pragma: no cover - compi
             sdx[bi, j] = b[j]
 
 
-@nb.njit(**_OPTS)
+@_jit
 def cols_backward_apply(X, D, mean, k_dy, k_xmu, k_const, blk, DX):  # pragma: no cover - compiled
     M, W = X.shape
     nblocks = (M + blk - 1) // blk

@@ -119,12 +119,9 @@ def set_engine(name: str) -> None:
 def _load_compiled() -> Any:
     global _compiled_module
     if _compiled_module is None:
-        try:
-            from . import _numba_cpu
-        except ImportError:
-            _compiled_module = False
-        else:
-            _compiled_module = _numba_cpu
+        from . import _numba_cpu
+
+        _compiled_module = _numba_cpu if _numba_cpu.AVAILABLE else False
     return _compiled_module or None
 
 
