@@ -21,6 +21,7 @@ afterwards, next to this file or in numba's user cache directory).
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable
 
 import numpy as np
@@ -172,10 +173,46 @@ def cols_backward_apply(X, D, mean, k_dy, k_xmu, k_const, blk, DX):  # pragma: n
                 DX[i, j] = D[i, j] * k_dy[j] + (X[i, j] - mean[j]) * k_xmu[j] + k_const[j]
 
 
+@(nb.njit(cache=True, nogil=True) if nb is not None else (lambda f: f))
+def chan_merge(ctr, d, q, n, count, mean, var):  # pragma: no cover - compiled
+    """The float64 merge of xbn.kernels.numpy._chan_merge, one sequential loop per channel
+    (a fixed order); n is (P, 1) or (P, C) partial counts, 0 where a channel is absent."""
+    P, C = ctr.shape
+    wide = n.shape[1] > 1
+    for c in range(C):
+        ref = 0.0
+        found = False
+        s1 = 0.0
+        s2 = 0.0
+        sq = 0.0
+        for p in range(P):
+            k = n[p, c] if wide else n[p, 0]
+            if k <= 0:
+                continue
+            dn = d[p, c] / k
+            u = ctr[p, c] + dn
+            if not found:
+                ref = u
+                found = True
+            u -= ref
+            s1 += k * u
+            s2 += k * u * u
+            sq += q[p, c] - d[p, c] * dn
+        ubar = s1 / count
+        mean[c] = ref + ubar
+        var[c] = max(sq + s2 - count * ubar * ubar, 0.0) / count
+
+
+_last = threading.local()
+
+
 def set_threads(n: int, chunk: int) -> None:
     """Run this thread's next parallel loops on ``n`` threads (at most numba's pool), handing
     out ``chunk`` iterations at a time: dynamic scheduling, so that a core busy with another
     process delays one chunk rather than half the work. Which thread runs an iteration never
     changes its result."""
-    nb.set_num_threads(max(1, min(n, nb.config.NUMBA_NUM_THREADS)))
-    nb.set_parallel_chunksize(max(1, chunk) if n > 1 else 0)
+    want = (max(1, min(n, nb.config.NUMBA_NUM_THREADS)), max(1, chunk) if n > 1 else 0)
+    if getattr(_last, "value", None) != want:  # numba's setters cost ~10 us a call
+        nb.set_num_threads(want[0])
+        nb.set_parallel_chunksize(want[1])
+        _last.value = want

@@ -672,7 +672,11 @@ def _nb_batch_stats(nbk: Any, g: _Geom, x: np.ndarray, dt: np.dtype) -> tuple[np
         parts = [a.reshape(nblocks, g.C, g.inner).transpose(0, 2, 1).reshape(-1, g.C) for a in (ctr, d, q)]
         rows = np.minimum(blk, g.outer - blk * np.arange(nblocks)).astype(np.float64)
         n_part = np.repeat(rows, g.inner)[:, None]
-    mean, var = _chan_merge(*parts, n_part, float(x.size // g.C))
+    mean, var = np.empty(g.C), np.empty(g.C)
+    n_arr = np.full((parts[0].shape[0], 1), n_part) if np.ndim(n_part) == 0 else n_part
+    # the same merge as _chan_merge, compiled: a dozen NumPy calls cost more than the pass
+    # itself on small inputs
+    nbk.chan_merge(*(np.ascontiguousarray(a) for a in (*parts, n_arr)), float(x.size // g.C), mean, var)
     return mean.astype(dt), var.astype(dt)
 
 
