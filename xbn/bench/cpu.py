@@ -10,7 +10,9 @@ that the load of a shared machine falls on all of them alike; medians and ratios
   with ``torch.set_num_threads``; channels-last shapes use torch's channels_last memory format
   on the same buffer. The autograd route (``F.batch_norm`` + ``.backward``) is timed as well and
   kept in the JSON;
-* ``naive``: a textbook NumPy batch norm (``mean``/``var`` over axes, a materialized x_hat).
+* ``naive``: a textbook NumPy batch norm (``mean``/``var`` over axes, a materialized x_hat);
+* ``xbn_passes`` (when numba is in use): the same layer forced onto the NumPy passes, which is
+  what runs where numba is not installed.
 
 The floor is the byte count over a measured copy bandwidth (``np.copyto`` of a 256 MiB array,
 read + write bytes, split over the threads, run inside the same interleaved loop so that it
@@ -102,7 +104,22 @@ class Naive:
         return (x - self.running_mean) * (inv * self.gamma) + self.beta
 
 
-def _make_cases(shape: tuple[int, ...], axis: int, with_torch: bool) -> dict[str, dict[str, Callable[[], Any]]]:
+def _on_passes(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with xbn's NumPy fast paths forced onto the NumPy passes (no numba)."""
+    from xbn.kernels import numpy as kn
+
+    def run() -> Any:
+        before = kn._engine
+        kn._engine = "numpy"
+        try:
+            return fn()
+        finally:
+            kn._engine = before
+
+    return run
+
+
+def _make_cases(shape: tuple[int, ...], axis: int, with_torch: bool, with_passes: bool = False) -> dict[str, dict[str, Callable[[], Any]]]:
     """For each implementation: callables 'fwd', 'bwd' (after its own fwd) and 'eval'."""
     import xbn
 
@@ -118,6 +135,13 @@ def _make_cases(shape: tuple[int, ...], axis: int, with_torch: bool) -> dict[str
         "bwd": lambda: bn.backward(dy),
         "eval": lambda: bn.forward(x, training=False),
     }
+    if with_passes:
+        bnp = xbn.BatchNorm(c, axis=axis, backend="numpy")
+        cases["xbn_passes"] = {
+            "fwd": _on_passes(lambda: bnp.forward(x, training=True)),
+            "bwd": _on_passes(lambda: bnp.backward(dy)),
+            "eval": _on_passes(lambda: bnp.forward(x, training=False)),
+        }
 
     naive = Naive(c, axis, len(shape))
     cases["naive"] = {"fwd": lambda: naive.forward(x), "bwd": lambda: naive.backward(dy), "eval": lambda: naive.eval(x)}
@@ -136,8 +160,16 @@ def _make_cases(shape: tuple[int, ...], axis: int, with_torch: bool) -> dict[str
         rm, rv = torch.zeros(c), torch.ones(c)
         aten = torch.ops.aten
         saved: dict[str, Any] = {}
+        threads = torch.get_num_threads()
+
+        def pin() -> None:
+            # numba's OpenMP threading layer can reset the OpenMP thread count that torch
+            # reads (seen: 1 -> 2 after the first numba parallel loop); keep torch on its own
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
 
         def t_fwd() -> Any:
+            pin()
             out, mean, invstd = aten.native_batch_norm(tx, w, b, rm, rv, True, MOMENTUM, EPS)
             saved.update(mean=mean, invstd=invstd)
             return out
@@ -148,6 +180,7 @@ def _make_cases(shape: tuple[int, ...], axis: int, with_torch: bool) -> dict[str
             )
 
         def t_eval() -> Any:
+            pin()
             return aten.native_batch_norm(tx, w, b, rm, rv, False, MOMENTUM, EPS)[0]
 
         cases["torch"] = {"fwd": t_fwd, "bwd": t_bwd, "eval": t_eval}
@@ -157,6 +190,7 @@ def _make_cases(shape: tuple[int, ...], axis: int, with_torch: bool) -> dict[str
         autograd: dict[str, Any] = {}
 
         def a_fwd() -> Any:
+            pin()
             autograd["y"] = torch.nn.functional.batch_norm(ax_, rm, rv, wa, ba, True, MOMENTUM, EPS)
             return autograd["y"]
 
@@ -315,6 +349,7 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def write_markdown(path: Path, results: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    passes = all("xbn_passes" in r["median_s"] for r in results)
     lines = [
         "# xbn CPU benchmark: NumPy backend vs PyTorch CPU vs naive NumPy",
         "",
@@ -328,7 +363,9 @@ def write_markdown(path: Path, results: list[dict[str, Any]], meta: dict[str, An
            if meta.get("loadavg_before") and meta.get("loadavg_after") else ""),
         "",
         f"xbn engine: {meta['engine']} ("
-        + ("compiled single-pass loops, numba" if meta["engine"] == "numba" else "cache-blocked NumPy passes; numba not in use")
+        + ("compiled single-pass loops, numba; the NumPy passes, used where numba is not installed, "
+           "are timed alongside as 'xbn NumPy passes'" if meta["engine"] == "numba"
+           else "cache-blocked NumPy passes; numba not installed or not in use")
         + "). "
         f"float32; median of {meta['repeats']} interleaved repeats (xbn, torch, naive in turn), "
         "times in ms. torch = aten native_batch_norm + native_batch_norm_backward (same work as the "
@@ -337,15 +374,19 @@ def write_markdown(path: Path, results: list[dict[str, Any]], meta: dict[str, An
         "",
         "## Training step (forward + backward)",
         "",
-        "| shape | layout | threads | xbn ms | torch ms | naive ms | xbn/torch | xbn/floor | torch/floor |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| shape | layout | threads | xbn ms | torch ms | naive ms | xbn/torch | xbn/floor | torch/floor |"
+        + (" xbn NumPy passes ms | passes/torch | passes/floor |" if passes else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if passes else ""),
     ]
     for r in results:
         m = r["median_s"]
+        t, fl = m.get("torch", {}).get("train"), r["floor_s"]["train"]
         lines.append(
-            f"| {r['shape_name']} | {r['layout']} | {r['threads']} | {_ms(m['xbn']['train'])} | {_ms(m.get('torch', {}).get('train'))} | "
-            f"{_ms(m['naive']['train'])} | {_ratio(m['xbn']['train'], m.get('torch', {}).get('train'))} | "
-            f"{_ratio(m['xbn']['train'], r['floor_s']['train'])} | {_ratio(m.get('torch', {}).get('train'), r['floor_s']['train'])} |"
+            f"| {r['shape_name']} | {r['layout']} | {r['threads']} | {_ms(m['xbn']['train'])} | {_ms(t)} | "
+            f"{_ms(m['naive']['train'])} | {_ratio(m['xbn']['train'], t)} | "
+            f"{_ratio(m['xbn']['train'], fl)} | {_ratio(t, fl)} |"
+            + (f" {_ms(m['xbn_passes']['train'])} | {_ratio(m['xbn_passes']['train'], t)} | {_ratio(m['xbn_passes']['train'], fl)} |"
+               if passes else "")
         )
     lines += [
         "",
@@ -389,13 +430,16 @@ def write_plot(path: Path, results: list[dict[str, Any]]) -> None:
     thread_counts = sorted({r["threads"] for r in results})
     fig, axes = plt.subplots(1, len(thread_counts), figsize=(6.5 * len(thread_counts), 4.8), squeeze=False, sharey=True)
     impls = [("xbn", "#1f77b4"), ("torch", "#ff7f0e"), ("naive", "#7f7f7f")]
+    if all("xbn_passes" in r["median_s"] for r in results):
+        impls.insert(1, ("xbn_passes", "#9ecae1"))
     for ax, t in zip(axes[0], thread_counts):
         rows = [r for r in results if r["threads"] == t]
         xs = np.arange(len(rows))
-        width = 0.27
+        width = 0.8 / len(impls)
         for k, (name, color) in enumerate(impls):
             vals = [r["median_s"].get(name, {}).get("train", float("nan")) / r["floor_s"]["train"] for r in rows]
-            ax.bar(xs + (k - 1) * width, vals, width, label=name, color=color)
+            label = {"xbn": "xbn", "xbn_passes": "xbn, NumPy passes"}.get(name, name)
+            ax.bar(xs + (k - (len(impls) - 1) / 2) * width, vals, width, label=label, color=color)
         ax.axhline(1.0, color="k", lw=1, ls="--", label="floor (8S / copy BW)")
         ax.set_yscale("log")
         ax.set_xticks(xs, [r["shape_name"].replace(":-1", "\nNHWC") for r in rows], rotation=30, ha="right", fontsize=8)
@@ -436,6 +480,10 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print("torch is not installed: comparing with the naive NumPy reference only", file=sys.stderr)
             with_torch = False
+    # numba's default OpenMP layer shares libgomp with torch and disturbs it (torch's OpenMP
+    # thread count reset, its 2-thread small-shape step 100x slower); this process launches
+    # numba loops from one thread only, which the plain work queue layer supports
+    os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
     from xbn.kernels import numpy as kn
 
     kn.set_engine(args.engine)
@@ -455,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
             for shape, axis, layout in shapes:
                 nbytes = math.prod(shape) * 4
                 repeats = args.repeats or (3 if args.quick else (15 if nbytes >= (4 << 20) else 200))
-                cases = _make_cases(shape, axis, with_torch)
+                cases = _make_cases(shape, axis, with_torch, with_passes=engine == "numba")
                 # small shapes repeat often: a copy every 20th round is enough there
                 raw = measure(cases, repeats, copy, copy_every=1 if repeats <= 50 else 20)
                 del cases
@@ -483,7 +531,13 @@ def main(argv: list[str] | None = None) -> int:
 
     command = "xbn bench --cpu -- " + " ".join(argv if argv is not None else sys.argv[1:])
     default_repeats = "3" if args.quick else "15 (200 for inputs under 4 MiB)"
-    meta = {"machine": machine_info(), "bandwidth": {t: statistics.median(v) for t, v in bandwidth.items()},
+    if engine == "numba":
+        import numba
+
+        machine_numba = {"numba": numba.__version__, "threading_layer": numba.threading_layer()}
+    else:
+        machine_numba = {}
+    meta = {"machine": {**machine_info(), **machine_numba}, "bandwidth": {t: statistics.median(v) for t, v in bandwidth.items()},
             "engine": engine, "repeats": args.repeats or default_repeats,
             "loadavg_before": load_before, "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "quick": args.quick, "command": command.strip(), "copy_bytes": copy_bytes,

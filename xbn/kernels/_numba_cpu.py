@@ -37,10 +37,25 @@ AVAILABLE = nb is not None
 _FAST = {"reassoc", "nsz", "contract"}
 
 
-def _jit(fn: Callable[..., Any]) -> Callable[..., Any]:
-    if nb is None:
-        return fn  # never called: xbn.kernels.numpy checks AVAILABLE first
-    return nb.njit(parallel=True, fastmath=_FAST, cache=True, nogil=True)(fn)
+class _Loop:
+    """A loop compiled twice: ``parallel`` (prange spread over numba's threads) and ``serial``
+    (prange as range). One-thread calls take the serial one: no threading layer involved, which
+    is both faster on small inputs and free of the layers' side effects (numba's OpenMP layer
+    changes the OpenMP thread count that torch reads; its work-queue layer wakes its workers
+    even for one thread)."""
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.py = fn
+        if nb is not None:  # else never called: xbn.kernels.numpy checks AVAILABLE first
+            self.parallel = nb.njit(parallel=True, fastmath=_FAST, cache=True, nogil=True)(fn)
+            self.serial = nb.njit(fastmath=_FAST, cache=True, nogil=True)(fn)
+
+    def __call__(self, *args: Any) -> Any:
+        return (self.parallel if _state().threads > 1 else self.serial)(*args)
+
+
+def _jit(fn: Callable[..., Any]) -> _Loop:
+    return _Loop(fn)
 
 
 # -- rows: R is (outer * C, L), row r holds L values of channel r % C ---------------------------
@@ -203,16 +218,24 @@ def chan_merge(ctr, d, q, n, count, mean, var):  # pragma: no cover - compiled
         var[c] = max(sq + s2 - count * ubar * ubar, 0.0) / count
 
 
-_last = threading.local()
+_local = threading.local()
+
+
+def _state() -> Any:
+    st = _local.__dict__
+    if "threads" not in st:
+        _local.threads, _local.applied = 1, None
+    return _local
 
 
 def set_threads(n: int, chunk: int) -> None:
-    """Run this thread's next parallel loops on ``n`` threads (at most numba's pool), handing
-    out ``chunk`` iterations at a time: dynamic scheduling, so that a core busy with another
-    process delays one chunk rather than half the work. Which thread runs an iteration never
-    changes its result."""
-    want = (max(1, min(n, nb.config.NUMBA_NUM_THREADS)), max(1, chunk) if n > 1 else 0)
-    if getattr(_last, "value", None) != want:  # numba's setters cost ~10 us a call
-        nb.set_num_threads(want[0])
-        nb.set_parallel_chunksize(want[1])
-        _last.value = want
+    """Run this thread's next loops on ``n`` threads (at most numba's pool; 1 = the serial
+    build), handing out ``chunk`` iterations at a time: dynamic scheduling, so that a core busy
+    with another process delays one chunk rather than half the work. Which thread runs an
+    iteration never changes its result."""
+    st = _state()
+    st.threads = max(1, min(n, nb.config.NUMBA_NUM_THREADS))
+    if st.threads > 1 and st.applied != (st.threads, chunk):  # numba's setters cost ~10 us
+        nb.set_num_threads(st.threads)
+        nb.set_parallel_chunksize(max(1, chunk))
+        st.applied = (st.threads, chunk)
