@@ -28,6 +28,8 @@ __all__ = [
     "BackendUnavailableError",
     "Ops",
     "OP_NAMES",
+    "PASS_OPS",
+    "STEP_OPS",
     "available_backends",
     "register_kernel",
     "registered_kernels",
@@ -36,7 +38,13 @@ __all__ = [
 
 #: The operations a fast path may replace; each has the signature of the function of the same
 #: name in :mod:`xbn.functional` (arrays positional, ``axis=`` and ``xp=`` keyword).
-OP_NAMES = ("batch_stats", "scale_shift", "backward_reduce", "backward_apply")
+#: The first four are single passes over the data; the last two are a whole training forward
+#: and a whole backward, which the generic path composes from the first four (given as
+#: ``ops=``). A backend registers the whole-step ops where fusing the per-channel work into its
+#: passes pays (on a GPU every small per-channel array operation is a kernel launch).
+PASS_OPS = ("batch_stats", "scale_shift", "backward_reduce", "backward_apply")
+STEP_OPS = ("batch_norm_forward", "batch_norm_backward")
+OP_NAMES = PASS_OPS + STEP_OPS
 
 KNOWN_BACKENDS = ("numpy", "cupy", "torch", "array_api_strict")
 
@@ -78,23 +86,37 @@ def registered_kernels(backend: str) -> dict[str, Callable[..., Any]]:
 
 
 @dataclass(frozen=True)
-class Ops:
-    """The hot operations bound to one namespace: a fast path where registered, else generic."""
+class PassOps:
+    """The single-pass operations bound to one namespace (fast path where registered)."""
 
     batch_stats: Callable[..., Any]
     scale_shift: Callable[..., Any]
     backward_reduce: Callable[..., Any]
     backward_apply: Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class Ops(PassOps):
+    """Every hot operation bound to one namespace: a fast path where registered, else generic.
+
+    The whole-step ops receive the pass ops as ``ops=``: the generic ones compose them, and a
+    fast one falls back to the generic composition for inputs it does not take.
+    """
+
+    batch_norm_forward: Callable[..., Any] = None  # type: ignore[assignment]
+    batch_norm_backward: Callable[..., Any] = None  # type: ignore[assignment]
     fast: tuple[str, ...] = ()
 
     @classmethod
     def build(cls, name: str, xp: ModuleType, *, generic: bool) -> Ops:
         kernels = {} if generic else registered_kernels(name)
-        chosen = {
-            op: functools.partial(kernels.get(op, getattr(functional, op)), xp=xp)
-            for op in OP_NAMES
-        }
-        return cls(**chosen, fast=tuple(sorted(kernels)))
+
+        def pick(op: str, **bound: Any) -> Callable[..., Any]:
+            return functools.partial(kernels.get(op, getattr(functional, op)), xp=xp, **bound)
+
+        passes = {op: pick(op) for op in PASS_OPS}
+        steps = {op: pick(op, ops=PassOps(**passes)) for op in STEP_OPS}
+        return cls(**passes, **steps, fast=tuple(sorted(kernels)))
 
 
 @dataclass(frozen=True)

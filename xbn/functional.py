@@ -41,6 +41,7 @@ __all__ = [
     "backward_coefficients",
     "backward_apply",
     "normalize",
+    "batch_norm_forward",
     "batch_norm_train",
     "batch_norm_backward",
     "values_per_channel",
@@ -280,6 +281,51 @@ def normalize(
     return ops.scale_shift(x, scale, shift, axis=axis, xp=xp)
 
 
+def batch_norm_forward(
+    x: Array,
+    weight: Array | None,
+    bias: Array | None,
+    running_mean: Array | None,
+    running_var: Array | None,
+    /,
+    *,
+    axis: int,
+    eps: float = 1e-5,
+    momentum: float = 0.1,
+    xp: ModuleType | None = None,
+    ops: Any = None,
+) -> tuple[Array, Array, Array, Array | None, Array | None]:
+    """One training-mode forward: returns (y, mean, invstd, new_running_mean, new_running_var).
+
+    Normalizes with the batch's own statistics and, when running statistics are given, returns
+    them moved by ``momentum`` towards the batch's (unbiased variance); otherwise the last two
+    are None. This is the whole forward in one op, so a backend can run it as one fused pass
+    over the per-channel work (the CUDA kernels do it in the statistics launch).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from xbn.functional import batch_norm_forward
+    >>> x = np.array([[1.0], [3.0]])
+    >>> y, mean, inv, rm, rv = batch_norm_forward(x, None, None, np.zeros(1), np.ones(1),
+    ...                                           axis=1, eps=0.0, momentum=0.5)
+    >>> y.ravel().tolist(), mean.tolist(), inv.tolist(), rm.tolist(), rv.tolist()
+    ([-1.0, 1.0], [2.0], [1.0], [1.0], [1.5])
+    """
+    xp = _ns(xp, x)
+    ops = _GENERIC if ops is None else ops
+    mean, var = ops.batch_stats(x, axis=axis, xp=xp)
+    inv = invstd(var, eps=eps, xp=xp)
+    y = normalize(x, mean, inv, weight, bias, axis=axis, var=var, xp=xp, ops=ops)
+    if running_mean is None or running_var is None:
+        return y, mean, inv, None, None
+    new_mean, new_var = updated_running_stats(
+        running_mean, running_var, mean, var,
+        count=values_per_channel(tuple(x.shape), axis), momentum=momentum, xp=xp,
+    )
+    return y, mean, inv, new_mean, new_var
+
+
 def batch_norm_train(
     x: Array,
     weight: Array | None,
@@ -291,7 +337,7 @@ def batch_norm_train(
     xp: ModuleType | None = None,
     ops: Any = None,
 ) -> tuple[Array, Array, Array]:
-    """Batch norm with the batch's own statistics: returns (y, mean, invstd).
+    """Batch norm with the batch's own statistics and no running statistics: (y, mean, invstd).
 
     Examples
     --------
@@ -304,9 +350,8 @@ def batch_norm_train(
     """
     xp = _ns(xp, x)
     ops = _GENERIC if ops is None else ops
-    mean, var = ops.batch_stats(x, axis=axis, xp=xp)
-    inv = invstd(var, eps=eps, xp=xp)
-    return normalize(x, mean, inv, weight, bias, axis=axis, var=var, xp=xp, ops=ops), mean, inv
+    y, mean, inv, _, _ = ops.batch_norm_forward(x, weight, bias, None, None, axis=axis, eps=eps, xp=xp)
+    return y, mean, inv
 
 
 def batch_norm_backward(

@@ -290,25 +290,23 @@ class BatchNorm:
             self._cache = (x, None, None, w, use_batch_stats, axis)
             return xp.empty_like(x)
 
+        update = training and self.running_mean is not None
         if use_batch_stats:
-            mean, var = ops.batch_stats(x, axis=axis)
-        else:
-            cdt = xp.result_type(F.compute_dtype(x.dtype, xp=xp), self._dtype)
-            mean, var = xp.astype(self.running_mean, cdt), xp.astype(self.running_var, cdt)
-        inv = F.invstd(var, eps=self.eps, xp=xp)
-        # the batch variance marks constant channels (output exactly the bias); running
-        # statistics mark nothing, since x need not equal the running mean
-        y = F.normalize(
-            x, mean, inv, w, b, axis=axis, var=var if use_batch_stats else None, xp=xp, ops=ops
-        )
-
-        if training and self.running_mean is not None:
             nbt = self.num_batches_tracked + 1
             m = 1.0 / nbt if self.momentum is None else self.momentum
-            new_mean, new_var = F.updated_running_stats(
-                self.running_mean, self.running_var, mean, var, count=count, momentum=m, xp=xp
+            y, mean, inv, new_mean, new_var = ops.batch_norm_forward(
+                x, w, b, self.running_mean if update else None,
+                self.running_var if update else None, axis=axis, eps=self.eps, momentum=m,
             )
-            self.running_mean, self.running_var, self.num_batches_tracked = new_mean, new_var, nbt
+            if update:  # last, after everything succeeded
+                self.running_mean, self.running_var = new_mean, new_var
+                self.num_batches_tracked = nbt
+        else:
+            cdt = xp.result_type(F.compute_dtype(x.dtype, xp=xp), self._dtype)
+            mean = xp.astype(self.running_mean, cdt)
+            inv = F.invstd(xp.astype(self.running_var, cdt), eps=self.eps, xp=xp)
+            # no var=: running statistics mark no constant channel, x need not equal their mean
+            y = F.normalize(x, mean, inv, w, b, axis=axis, xp=xp, ops=ops)
         self._cache = (x, mean, inv, w, use_batch_stats, axis)
         return y
 
@@ -333,13 +331,13 @@ class BatchNorm:
             zeros = xp.zeros((self.num_features,), dtype=self._dtype, device=self._backend.device)
             dgamma, dbeta = zeros, zeros
         else:
-            dx, dgamma, dbeta = F.batch_norm_backward(
+            dx, dgamma, dbeta = self._backend.ops.batch_norm_backward(
                 dy, x, mean, inv, w, axis=axis, batch_stats_used=use_batch_stats,
-                need_param_grads=self.affine, xp=xp, ops=self._backend.ops,
+                need_param_grads=self.affine,
             )
         if self.weight is not None and self.bias is not None:
             for p, g in ((self.weight, dgamma), (self.bias, dbeta)):
-                g = xp.astype(g, self._dtype)
+                g = g if g.dtype == self._dtype else xp.astype(g, self._dtype)
                 p.grad = g if p.grad is None else p.grad + g
         return dx
 
