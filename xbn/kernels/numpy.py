@@ -1,23 +1,30 @@
 """NumPy fast paths for the four batch-norm ops, registered for the ``"numpy"`` backend.
 
-Batch norm is memory-bound, and a NumPy expression like ``mean((x - m) ** 2, axis=axes)``
-streams every temporary through DRAM. These paths instead walk the input in fixed chunks that
-stay in a core's L2 cache, so each chunk comes from memory once however many NumPy passes run
-over it; per-channel sums go through BLAS matrix-vector products (several times faster than
-``sum(axis=...)``, which is a scalar pairwise loop); and the chunks are shared between a small
-thread pool, since ufuncs and BLAS release the GIL.
+Batch norm is memory-bound: the floor is 3 passes over x for a training forward and 5 for a
+backward. A NumPy expression like ``mean((x - m) ** 2, axis=axes)`` streams every temporary
+through DRAM instead. Two engines do better, chosen once per process (:func:`set_engine`,
+``XBN_NUMPY_ENGINE``):
+
+* ``numba`` (when numba is installed; :mod:`xbn.kernels._numba_cpu`): each op is one compiled
+  pass. This is the one that reaches the floor and beats PyTorch's CPU kernels (see
+  ``benchmarks/results/cpu.md``).
+* ``numpy`` (always available): the input is walked in fixed chunks that stay in a core's L2,
+  so each chunk comes from memory once however many NumPy passes run over it; per-channel sums
+  go through BLAS matrix-vector products (several times faster than ``sum(axis=...)``, a scalar
+  pairwise loop); chunks are shared by a small thread pool, since ufuncs and BLAS release the
+  GIL. Still 2-5x above the floor: each in-cache NumPy pass costs about what a DRAM pass does.
 
 Numerics match :mod:`xbn.functional`: statistics in float64 for float64 input and in float32
-otherwise, the variance from centered squares (each chunk row is centered on its own mean,
-then the rows are merged with Chan's parallel formula in float64), and ``(x - mean)`` kept in
-the backward. Results are bitwise reproducible: chunk boundaries depend only on the shape, each
-chunk's partial result goes to its own slot, and slots are merged in index order, so neither
-thread timing nor the thread count changes a bit.
+otherwise; the variance from centred squares (each partial, a row or a chunk's column, is
+centred on its own rounded mean, then the partials are merged with Chan's formula in float64);
+``(x - mean)`` never folded into a constant in the backward. Results are bitwise reproducible:
+partials are fixed by the shape alone, each lands in its own slot, and slots are merged in
+index order, so neither thread timing nor the thread count changes a bit.
 
 Layouts: any array whose axes can be permuted into a C-contiguous one (NCHW, channels-last,
-torch's channels_last strides, a channel axis in the middle, Fortran order). Anything else
-(negative or gapped strides, object or integer dtypes, mixed layouts of ``x`` and ``dy``) goes
-to the generic function.
+torch's channels_last strides, a channel axis in the middle, Fortran order); outputs keep the
+input's layout. Anything else (negative or gapped strides, mixed layouts of ``x`` and ``dy``,
+non-float dtypes, empty arrays) goes to the generic function.
 """
 
 from __future__ import annotations
@@ -38,7 +45,9 @@ from ..backends import register_kernel
 __all__ = ["get_engine", "get_num_threads", "set_engine", "set_num_threads"]
 
 # A chunk of about this many bytes (in the compute dtype), plus a scratch buffer or two of
-# the same size, stays in a 1-2 MiB L2 while the several NumPy passes over it run.
+# the same size, stays in a 1-2 MiB L2 while the several NumPy passes over it run. It also
+# keeps each BLAS call below the size (about 1 MiB) at which OpenBLAS starts threads of its
+# own, which would fight the pool's threads.
 _CHUNK_BYTES = 256 * 1024
 # Below this many bytes of input the pool's hand-off (~20 us a task) costs more than it saves.
 _PARALLEL_MIN_BYTES = 1 << 20
@@ -230,7 +239,7 @@ class _Geom:
                 t = _divisor(self.outer, -(-_COL_MIN // width), _COL_MAX // width) or 1
             self.k, self.t, self.L = 1, t, self.inner
             self.nrows, self.ncols = self.outer // t, t * width
-            # at least 16 rows a chunk, so that the per-chunk partials stay small next to x
+            # at least 16 rows a chunk: BLAS column sums over fewer rows are mostly overhead
             self.cpc = min(self.ncols, max(1, chunk // 16))
             # at most 1024 rows, so that float32 column sums down a chunk stay short
             self.rpc = min(1024, max(1, chunk // self.cpc))
