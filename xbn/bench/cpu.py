@@ -240,28 +240,39 @@ def _blas_limit(threads: int) -> Any:
 
 
 def measure(
-    cases: dict[str, dict[str, Callable[[], Any]]], repeats: int, copy: Copy, copy_every: int = 1, warmup: int = 2
+    cases: dict[str, dict[str, Callable[[], Any]]], repeats: int, copy: Copy, cold: bool = True, warmup: int = 2
 ) -> dict[str, dict[str, list[float]]]:
     """Interleaved timings in seconds: per implementation, 'fwd', 'bwd', 'train' (= fwd + bwd
     of one step) and 'eval'; and the copy's bandwidth. Each repeat runs every implementation
-    once, in turn, after the copy (every ``copy_every``-th repeat)."""
+    once, in turn.
+
+    ``cold``: the copy (which flushes the caches) runs before every timed call, so that each
+    implementation meets x and dy in DRAM; otherwise the second in line would find them in the
+    L3 cache, warmed by the first, since all of them read the same buffers. Not ``cold``: the
+    copy runs every 20th repeat only, and the data stays in cache, as a small input does between
+    the layers of a network.
+    """
     names = list(cases)
     out: dict[str, dict[str, list[float]]] = {n: {"fwd": [], "bwd": [], "train": [], "eval": []} for n in names}
     out["copy"] = {"bandwidth": []}
+    clock = time.perf_counter
+
+    def flush(r: int, first: bool) -> None:
+        if cold or (first and r % 20 == 0):
+            t0 = clock()
+            copy()
+            out["copy"]["bandwidth"].append(copy.bytes / (clock() - t0))
+
     for _ in range(warmup):
         copy()
         for n in names:
             cases[n]["fwd"](), cases[n]["bwd"]()
             if "eval" in cases[n]:
                 cases[n]["eval"]()
-    clock = time.perf_counter
     for r in range(repeats):
-        if r % copy_every == 0:
-            t0 = clock()
-            copy()
-            out["copy"]["bandwidth"].append(copy.bytes / (clock() - t0))
-        for n in names:
+        for i, n in enumerate(names):
             c = cases[n]
+            flush(r, i == 0)
             t0 = clock()
             c["fwd"]()
             t1 = clock()
@@ -272,6 +283,7 @@ def measure(
             out[n]["train"].append(t2 - t0)
         for n in names:
             if "eval" in cases[n]:
+                flush(r, False)
                 t0 = clock()
                 cases[n]["eval"]()
                 out[n]["eval"].append(clock() - t0)
@@ -371,8 +383,10 @@ def write_markdown(path: Path, results: list[dict[str, Any]], meta: dict[str, An
         "times in ms. torch = aten native_batch_norm + native_batch_norm_backward (same work as the "
         "layer, no autograd); floor = bytes / copy bandwidth (median of copies interleaved with that "
         "row's timings, same thread count; train 8S, eval 2S). The copy flushes the caches: inputs "
-        "under 4 MiB, which a real network hands from layer to layer in cache, are timed warm "
-        "(a copy every 20th round), larger ones cold (a copy every round).",
+        "of 4 MiB and more are timed cold, a copy before every timed call of every implementation "
+        "(they all read the same x and dy, so the second in line would otherwise find them in L3); "
+        "smaller ones, which a real network hands from layer to layer in cache, are timed warm "
+        "(a copy every 20th round).",
         "",
         "## Training step (forward + backward)",
         "",
@@ -510,9 +524,8 @@ def main(argv: list[str] | None = None) -> int:
                 if small and not args.quick:
                     repeats = max(repeats, 200)  # sub-millisecond steps need many samples
                 cases = _make_cases(shape, axis, with_torch, with_passes=engine == "numba")
-                # The copy flushes the caches. A small input lives in cache between layers of a
-                # real network, so it is timed warm: a copy only every 20th round there.
-                raw = measure(cases, repeats, copy, copy_every=20 if small else 1)
+                # a small input lives in cache between the layers of a real network: timed warm
+                raw = measure(cases, repeats, copy, cold=not small)
                 del cases
                 bw_samples = raw.pop("copy")["bandwidth"]
                 bandwidth.setdefault(threads, []).extend(bw_samples)
