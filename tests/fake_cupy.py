@@ -106,12 +106,16 @@ class _Kernel:
     def __call__(self, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
         launches.append((self.key, self.name, tuple(grid), tuple(block)))
         arrays = [a for a in args if isinstance(a, np.ndarray)]
-        ints = [int(a) for a in args if not isinstance(a, np.ndarray)]
-        for a in args:
-            if not isinstance(a, np.ndarray):
-                assert isinstance(a, np.int32), f"kernel int arguments must be int32, got {type(a)}"
+        scalars = [a for a in args if not isinstance(a, np.ndarray)]
+        for a in scalars:
+            # CuPy passes NumPy scalars by value in their own dtype, Python ones as 64-bit
+            assert isinstance(a, (np.int32, np.float64)), \
+                f"kernel scalar arguments must be int32 or float64, got {type(a)}"
+        ints = [int(a) for a in scalars if isinstance(a, np.int32)]
+        doubles = [float(a) for a in scalars if isinstance(a, np.float64)]
         before = [np.array(a, copy=True) for a in arrays]
-        after = hk.run_raw(self.key, self.name, grid, block, arrays, ints, seed=seed)
+        after = hk.run_raw(self.key, self.name, grid, block, arrays, ints, doubles=doubles,
+                           seed=seed)
         # An array passed twice (placeholders) must only be written through one of its aliases.
         written: dict[int, int] = {}
         for i, (a, old, new) in enumerate(zip(arrays, before, after)):

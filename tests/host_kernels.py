@@ -30,7 +30,7 @@ from xbn.kernels import _launch
 HERE = Path(__file__).resolve().parent / "cuda_host"
 KERNELS = Path(_launch.__file__).resolve().parent
 FLAGS = (
-    "-std=c++20", "-O1", "-g", "-pthread", "-Wall", "-Wno-unknown-pragmas",
+    "-std=c++20", "-O1", "-g", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-ffp-contract=off",
     "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer",
 )
 #: Made-up device: 8 SMs of 512 resident threads, so a wave is 16 blocks of 256.
@@ -96,10 +96,11 @@ class HostRunError(AssertionError):
 
 
 def run_raw(key: str, kernel: str, grid: tuple[int, ...], block: tuple[int, ...],
-            buffers: list[np.ndarray], ints: list[int], *, seed: int = 0,
-            timeout: float = 300) -> list[np.ndarray]:
-    """Launch ``kernel`` (compiled for dtype ``key``) with ``buffers`` as its pointer arguments
-    and ``ints`` as its int arguments, each in order; return the buffers' contents afterwards."""
+            buffers: list[np.ndarray], ints: list[int], *, doubles: list[float] = (),
+            seed: int = 0, timeout: float = 300) -> list[np.ndarray]:
+    """Launch ``kernel`` (compiled for dtype ``key``) with ``buffers`` as its pointer arguments,
+    ``ints`` as its int arguments and ``doubles`` as its double arguments, each in order; return
+    the buffers' contents afterwards."""
     with tempfile.TemporaryDirectory() as d:
         files = []
         for i, a in enumerate(buffers):
@@ -109,6 +110,8 @@ def run_raw(key: str, kernel: str, grid: tuple[int, ...], block: tuple[int, ...]
         cmd = [str(driver(key)), kernel, str(grid[0]), str(grid[1]), str(block[0]),
                str(block[1]), str(seed), str(len(files)), *files, str(len(ints)),
                *map(str, ints)]
+        if doubles:  # hexadecimal: every bit of each double reaches the kernel
+            cmd += [str(len(doubles)), *(float(v).hex() for v in doubles)]
         env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0",
                    UBSAN_OPTIONS="print_stacktrace=1")
         try:
@@ -125,12 +128,14 @@ def run_raw(key: str, kernel: str, grid: tuple[int, ...], block: tuple[int, ...]
 def run_kernel(key: str, plan: _launch.LaunchPlan, op: str, values: dict[str, Any],
                *, seed: int = 0, timeout: float = 300) -> dict[str, np.ndarray]:
     """Launch ``plan`` in the harness with the arrays of ``values``; return them afterwards."""
-    args = _launch.arguments(op, plan, values)
+    _launch.arguments(op, plan, values)  # checks the names
     names = _launch.ARGUMENTS[op]
     arrays = [n for n in names if isinstance(values[n], np.ndarray)]
-    ints = [int(v) for n, v in zip(names, args) if n not in arrays] + list(plan.args)
-    outs = run_raw(key, plan.kernel, plan.grid, plan.block, [values[n] for n in arrays], ints,
-                   seed=seed, timeout=timeout)
+    doubles = [float(values[n]) for n in names if isinstance(values[n], (float, np.floating))]
+    ints = [int(values[n]) for n in names
+            if n not in arrays and not isinstance(values[n], (float, np.floating))]
+    outs = run_raw(key, plan.kernel, plan.grid, plan.block, [values[n] for n in arrays],
+                   ints + list(plan.args), doubles=doubles, seed=seed, timeout=timeout)
     return dict(zip(arrays, outs))
 
 
@@ -240,3 +245,81 @@ def backward_apply(dy: np.ndarray, x: np.ndarray, mean, k_dy, k_xmu, k_const, dt
               "k_const": np.asarray(k_const, dtype=acc), "dx": poison(x.shape, dtype)}
     out = run_kernel(key, plan, "backward_apply", values, seed=seed)
     return out["dx"], plan
+
+
+# -- the fused reductions of the whole-step ops -------------------------------------------------
+
+def _param(v: np.ndarray | None, dt: str, placeholder: np.ndarray) -> np.ndarray:
+    return placeholder if v is None else np.asarray(v, dtype=dt)
+
+
+def forward_stats(x: np.ndarray, weight, bias, running_mean, running_var, dtype: str, *,
+                  axis: int, eps: float = 1e-5, momentum: float = 0.1,
+                  param_dtype: str = "float32", wide: bool = True, seed: int = 0,
+                  sm_count: int = SM_COUNT):
+    """The fused statistics kernel (xbn_stats_fused_*) as the CuPy wrapper launches it:
+    returns ({mean, inv, scale, shift, new_running_mean, new_running_var}, plan); the running
+    outputs are None without running statistics. Absent vectors get placeholders that the
+    kernel must leave alone (checked)."""
+    layout = _launch.plan_layout(x.shape, axis, c_contiguous=True)
+    key, acc = _launch.dtype_key(dtype), _launch.accumulator_dtype(dtype)
+    plan = _plan("stats_fused", layout, dtype, wide, sm_count)
+    c = layout.channels
+    running = running_mean is not None and running_var is not None
+    sentinel = np.full(c, -123.0, dtype=param_dtype)  # stands in for every absent vector
+    flags = ((_launch.FLAG_HAS_WEIGHT if weight is not None else 0)
+             | (_launch.FLAG_HAS_BIAS if bias is not None else 0)
+             | (_launch.FLAG_HAS_RUNNING if running else 0)
+             | (_launch.FLAG_PARAMS_F64 if param_dtype == "float64" else 0))
+    count = layout.count
+    values = {
+        "x": x, "mean": poison((c,), acc), "inv": poison((c,), acc),
+        "scale": poison((c,), acc), "shift": poison((c,), acc),
+        "weight": _param(weight, param_dtype, sentinel.copy()),
+        "bias": _param(bias, param_dtype, sentinel.copy()),
+        "running_mean": _param(running_mean if running else None, param_dtype, sentinel.copy()),
+        "running_var": _param(running_var if running else None, param_dtype, sentinel.copy()),
+        "new_running_mean": poison((c,), param_dtype) if running else sentinel.copy(),
+        "new_running_var": poison((c,), param_dtype) if running else sentinel.copy(),
+        "ws_n": np.full(max(plan.workspace, 1), -7, dtype=np.int32),
+        **_workspace(plan, acc),
+        "eps": float(eps),
+        "keep": float(1.0 - momentum) if running else 0.0,
+        "momentum": float(momentum) if running else 0.0,
+        "unbias": float(count / (count - 1)) if running else 0.0,
+        "flags": flags,
+    }
+    out = run_kernel(key, plan, "stats_fused", values, seed=seed)
+    _check_workspace(plan, out)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        if not np.array_equal(out[name], values[name]):
+            raise HostRunError(f"{plan.kernel}: wrote into its input {name}")
+    if not running:
+        for name in ("new_running_mean", "new_running_var"):
+            if not (out[name] == -123.0).all():
+                raise HostRunError(f"{plan.kernel}: wrote {name} without running statistics")
+    result = {k: out[k] for k in ("mean", "inv", "scale", "shift")}
+    result["new_running_mean"] = out["new_running_mean"] if running else None
+    result["new_running_var"] = out["new_running_var"] if running else None
+    return result, plan
+
+
+def backward_coefficients(dy: np.ndarray, x: np.ndarray, mean, inv, weight, dtype: str, *,
+                          axis: int, param_dtype: str = "float32", wide: bool = True,
+                          seed: int = 0, sm_count: int = SM_COUNT):
+    """The fused backward reduction (xbn_backward_reduce_fused_*): returns
+    ({dgamma, dbeta, k_dy, k_xmu, k_const}, plan)."""
+    layout = _launch.plan_layout(x.shape, axis, c_contiguous=True)
+    key, acc = _launch.dtype_key(dtype), _launch.accumulator_dtype(dtype)
+    plan = _plan("backward_reduce_fused", layout, dtype, wide, sm_count)
+    c = layout.channels
+    flags = ((_launch.FLAG_HAS_WEIGHT if weight is not None else 0)
+             | (_launch.FLAG_PARAMS_F64 if param_dtype == "float64" else 0))
+    names = ("dgamma", "dbeta", "k_dy", "k_xmu", "k_const")
+    values = {"dy": dy, "x": x, "mean": np.asarray(mean, dtype=acc),
+              "inv": np.asarray(inv, dtype=acc),
+              "weight": _param(weight, param_dtype, np.full(c, -123.0, dtype=param_dtype)),
+              **{n: poison((c,), acc) for n in names}, **_workspace(plan, acc), "flags": flags}
+    out = run_kernel(key, plan, "backward_reduce_fused", values, seed=seed)
+    _check_workspace(plan, out)
+    return {n: out[n] for n in names}, plan

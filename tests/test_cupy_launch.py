@@ -235,6 +235,8 @@ def _kernel_param(op: str, name: str) -> str:
         "stats": {"ws_a": "ws_mean", "ws_b": "ws_m2", "mean": "mean_out", "var": "var_out"},
         "backward_reduce": {"ws_a": "ws_dy", "ws_b": "ws_dy_xmu", "sum_dy": "sum_dy_out",
                             "sum_dy_xmu": "sum_dy_xmu_out"},
+        "stats_fused": {"ws_a": "ws_mean", "ws_b": "ws_m2"},
+        "backward_reduce_fused": {"ws_a": "ws_dy", "ws_b": "ws_dy_xmu"},
     }
     return renames.get(op, {}).get(name, name)
 
@@ -341,6 +343,19 @@ def test_width_macro_matches_widths_table():
     assert widths(found["8"]) == L.WIDTHS["f64"]
     assert widths(found["4"]) == L.WIDTHS["f32"]
     assert widths(other) == L.WIDTHS["f16"] == L.WIDTHS["bf16"]
+
+
+def test_epilogue_flags_match_the_header():
+    """The fused kernels' flag bits: the same values in _launch.py and xbn_common.cuh."""
+    import re
+
+    header = _source.kernel_source("bn_stats.cu")
+    defined = {m.group(1): int(m.group(2))
+               for m in re.finditer(r"#define XBN_(HAS_\w+|PARAMS_F64) (\d+)", header)}
+    assert defined == {"HAS_WEIGHT": L.FLAG_HAS_WEIGHT, "HAS_BIAS": L.FLAG_HAS_BIAS,
+                       "HAS_RUNNING": L.FLAG_HAS_RUNNING, "PARAMS_F64": L.FLAG_PARAMS_F64}
+    bits = [L.FLAG_HAS_WEIGHT, L.FLAG_HAS_BIAS, L.FLAG_HAS_RUNNING, L.FLAG_PARAMS_F64]
+    assert sorted(bits) == [1, 2, 4, 8]
 
 
 def test_compile_options():

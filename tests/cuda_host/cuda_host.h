@@ -67,6 +67,17 @@ inline unsigned short xbn_host_float_to_half(float f) {
 template <class T>
 inline T __ldcg(const T* p) { return *p; }
 
+// Correctly rounded single operations. Plain C++ arithmetic is that already: the harness is
+// built without -ffast-math, in ISO C++ mode (-ffp-contract=off), so nothing becomes an fma.
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline double __dsqrt_rn(double a) { return std::sqrt(a); }
+
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 inline unsigned int atomicAdd(unsigned int* p, unsigned int v) {

@@ -1,10 +1,11 @@
 // Runs one of xbn's CUDA kernels on the CPU (see cuda_host.h), for tests without a GPU.
 //
-//   driver KERNEL GX GY BX BY SEED NBUF FILE... NINT INT...
+//   driver KERNEL GX GY BX BY SEED NBUF FILE... NINT INT... [NDBL DBL...]
 //
 // Each FILE is read into a buffer of exactly its size (so AddressSanitizer sees any access past
 // its end), passed to the kernel as the next pointer argument, and written back afterwards.
-// INTs are the kernel's int arguments in order. Exit status: 0 ok, 2 problems reported (printed
+// INTs are the kernel's int arguments in order, DBLs its double arguments (any strtod syntax;
+// hexadecimal floats carry them exactly). Exit status: 0 ok, 2 problems reported (printed
 // on stderr), 3 usage or I/O error. Build with one of -DXBN_DTYPE_F32/F64/F16/BF16.
 
 #include "cuda_host.h"
@@ -227,65 +228,94 @@ int xbn_host_launch(unsigned gx, unsigned gy, unsigned bx, unsigned by, unsigned
 
 namespace {
 
-using thunk = std::function<void(void** p, const int* a)>;
+using thunk = std::function<void(void** p, const int* a, const double* d)>;
 
 template <class T>
 T arg(void** p, int i) {
     return reinterpret_cast<T>(p[i]);
 }
 
+// A kernel's pointer, int and double arguments, each in order (p, a, d).
+#define XBN_THUNK [](void** p, const int* a, const double* d)
 #define XBN_NCL_INTS a[0], a[1], a[2], a[3]
 #define XBN_NLC_INTS a[0], a[1], a[2]
 
-#define XBN_THUNKS(S)                                                                           \
-    {"xbn_stats_ncl_" #S, {7, 4, [](void** p, const int* a) {                                 \
-         xbn_stats_ncl_##S(arg<const xbn_t*>(p, 0), arg<acc_t*>(p, 1), arg<acc_t*>(p, 2),       \
-                           arg<acc_t*>(p, 3), arg<acc_t*>(p, 4), arg<int*>(p, 5),               \
-                           arg<unsigned int*>(p, 6), XBN_NCL_INTS);                             \
-     }}},                                                                                       \
-    {"xbn_stats_nlc_" #S, {7, 3, [](void** p, const int* a) {                                 \
-         xbn_stats_nlc_##S(arg<const xbn_t*>(p, 0), arg<acc_t*>(p, 1), arg<acc_t*>(p, 2),       \
-                           arg<acc_t*>(p, 3), arg<acc_t*>(p, 4), arg<int*>(p, 5),               \
-                           arg<unsigned int*>(p, 6), XBN_NLC_INTS);                             \
-     }}},                                                                                       \
-    {"xbn_backward_reduce_ncl_" #S, {8, 4, [](void** p, const int* a) {                       \
-         xbn_backward_reduce_ncl_##S(arg<const xbn_t*>(p, 0), arg<const xbn_t*>(p, 1),          \
-                                     arg<const acc_t*>(p, 2), arg<acc_t*>(p, 3),                \
-                                     arg<acc_t*>(p, 4), arg<acc_t*>(p, 5), arg<acc_t*>(p, 6),   \
-                                     arg<unsigned int*>(p, 7), XBN_NCL_INTS);                   \
-     }}},                                                                                       \
-    {"xbn_backward_reduce_nlc_" #S, {8, 3, [](void** p, const int* a) {                       \
-         xbn_backward_reduce_nlc_##S(arg<const xbn_t*>(p, 0), arg<const xbn_t*>(p, 1),          \
-                                     arg<const acc_t*>(p, 2), arg<acc_t*>(p, 3),                \
-                                     arg<acc_t*>(p, 4), arg<acc_t*>(p, 5), arg<acc_t*>(p, 6),   \
-                                     arg<unsigned int*>(p, 7), XBN_NLC_INTS);                   \
-     }}},                                                                                       \
-    {"xbn_scale_shift_ncl_" #S, {4, 5, [](void** p, const int* a) {                           \
-         xbn_scale_shift_ncl_##S(arg<const xbn_t*>(p, 0), arg<const acc_t*>(p, 1),              \
-                                 arg<const acc_t*>(p, 2), a[0], arg<xbn_t*>(p, 3), a[1], a[2],  \
-                                 a[3], a[4]);                                                   \
-     }}},                                                                                       \
-    {"xbn_scale_shift_nlc_" #S, {4, 4, [](void** p, const int* a) {                           \
-         xbn_scale_shift_nlc_##S(arg<const xbn_t*>(p, 0), arg<const acc_t*>(p, 1),              \
-                                 arg<const acc_t*>(p, 2), a[0], arg<xbn_t*>(p, 3), a[1], a[2],  \
-                                 a[3]);                                                         \
-     }}},                                                                                       \
-    {"xbn_backward_apply_ncl_" #S, {7, 4, [](void** p, const int* a) {                        \
-         xbn_backward_apply_ncl_##S(arg<const xbn_t*>(p, 0), arg<const xbn_t*>(p, 1),           \
-                                    arg<const acc_t*>(p, 2), arg<const acc_t*>(p, 3),           \
-                                    arg<const acc_t*>(p, 4), arg<const acc_t*>(p, 5),           \
-                                    arg<xbn_t*>(p, 6), XBN_NCL_INTS);                           \
-     }}},                                                                                       \
-    {"xbn_backward_apply_nlc_" #S, {7, 3, [](void** p, const int* a) {                        \
-         xbn_backward_apply_nlc_##S(arg<const xbn_t*>(p, 0), arg<const xbn_t*>(p, 1),           \
-                                    arg<const acc_t*>(p, 2), arg<const acc_t*>(p, 3),           \
-                                    arg<const acc_t*>(p, 4), arg<const acc_t*>(p, 5),           \
-                                    arg<xbn_t*>(p, 6), XBN_NLC_INTS);                           \
+#define XBN_STATS_FUSED_POINTERS                                                                   \
+    arg<const xbn_t*>(p, 0), arg<acc_t*>(p, 1), arg<acc_t*>(p, 2), arg<acc_t*>(p, 3),              \
+        arg<acc_t*>(p, 4), arg<const void*>(p, 5), arg<const void*>(p, 6),                         \
+        arg<const void*>(p, 7), arg<const void*>(p, 8), arg<void*>(p, 9), arg<void*>(p, 10),       \
+        arg<acc_t*>(p, 11), arg<acc_t*>(p, 12), arg<int*>(p, 13), arg<unsigned int*>(p, 14)
+#define XBN_BACKWARD_FUSED_POINTERS                                                                \
+    arg<const xbn_t*>(p, 0), arg<const xbn_t*>(p, 1), arg<const acc_t*>(p, 2),                     \
+        arg<const acc_t*>(p, 3), arg<const void*>(p, 4), arg<acc_t*>(p, 5), arg<acc_t*>(p, 6),     \
+        arg<acc_t*>(p, 7), arg<acc_t*>(p, 8), arg<acc_t*>(p, 9), arg<acc_t*>(p, 10),               \
+        arg<acc_t*>(p, 11), arg<unsigned int*>(p, 12)
+
+#define XBN_THUNKS(S)                                                                              \
+    {"xbn_stats_ncl_" #S, {7, 4, 0, XBN_THUNK {                                                    \
+         xbn_stats_ncl_##S(arg<const xbn_t*>(p, 0), arg<acc_t*>(p, 1), arg<acc_t*>(p, 2),          \
+                           arg<acc_t*>(p, 3), arg<acc_t*>(p, 4), arg<int*>(p, 5),                  \
+                           arg<unsigned int*>(p, 6), XBN_NCL_INTS);                                \
+     }}},                                                                                          \
+    {"xbn_stats_nlc_" #S, {7, 3, 0, XBN_THUNK {                                                    \
+         xbn_stats_nlc_##S(arg<const xbn_t*>(p, 0), arg<acc_t*>(p, 1), arg<acc_t*>(p, 2),          \
+                           arg<acc_t*>(p, 3), arg<acc_t*>(p, 4), arg<int*>(p, 5),                  \
+                           arg<unsigned int*>(p, 6), XBN_NLC_INTS);                                \
+     }}},                                                                                          \
+    {"xbn_backward_reduce_ncl_" #S, {8, 4, 0, XBN_THUNK {                                          \
+         xbn_backward_reduce_ncl_##S(arg<const xbn_t*>(p, 0), arg<const xbn_t*>(p, 1),             \
+                                     arg<const acc_t*>(p, 2), arg<acc_t*>(p, 3),                   \
+                                     arg<acc_t*>(p, 4), arg<acc_t*>(p, 5), arg<acc_t*>(p, 6),      \
+                                     arg<unsigned int*>(p, 7), XBN_NCL_INTS);                      \
+     }}},                                                                                          \
+    {"xbn_backward_reduce_nlc_" #S, {8, 3, 0, XBN_THUNK {                                          \
+         xbn_backward_reduce_nlc_##S(arg<const xbn_t*>(p, 0), arg<const xbn_t*>(p, 1),             \
+                                     arg<const acc_t*>(p, 2), arg<acc_t*>(p, 3),                   \
+                                     arg<acc_t*>(p, 4), arg<acc_t*>(p, 5), arg<acc_t*>(p, 6),      \
+                                     arg<unsigned int*>(p, 7), XBN_NLC_INTS);                      \
+     }}},                                                                                          \
+    {"xbn_scale_shift_ncl_" #S, {4, 5, 0, XBN_THUNK {                                              \
+         xbn_scale_shift_ncl_##S(arg<const xbn_t*>(p, 0), arg<const acc_t*>(p, 1),                 \
+                                 arg<const acc_t*>(p, 2), a[0], arg<xbn_t*>(p, 3), a[1], a[2],     \
+                                 a[3], a[4]);                                                      \
+     }}},                                                                                          \
+    {"xbn_scale_shift_nlc_" #S, {4, 4, 0, XBN_THUNK {                                              \
+         xbn_scale_shift_nlc_##S(arg<const xbn_t*>(p, 0), arg<const acc_t*>(p, 1),                 \
+                                 arg<const acc_t*>(p, 2), a[0], arg<xbn_t*>(p, 3), a[1], a[2],     \
+                                 a[3]);                                                            \
+     }}},                                                                                          \
+    {"xbn_backward_apply_ncl_" #S, {7, 4, 0, XBN_THUNK {                                           \
+         xbn_backward_apply_ncl_##S(arg<const xbn_t*>(p, 0), arg<const xbn_t*>(p, 1),              \
+                                    arg<const acc_t*>(p, 2), arg<const acc_t*>(p, 3),              \
+                                    arg<const acc_t*>(p, 4), arg<const acc_t*>(p, 5),              \
+                                    arg<xbn_t*>(p, 6), XBN_NCL_INTS);                              \
+     }}},                                                                                          \
+    {"xbn_backward_apply_nlc_" #S, {7, 3, 0, XBN_THUNK {                                           \
+         xbn_backward_apply_nlc_##S(arg<const xbn_t*>(p, 0), arg<const xbn_t*>(p, 1),              \
+                                    arg<const acc_t*>(p, 2), arg<const acc_t*>(p, 3),              \
+                                    arg<const acc_t*>(p, 4), arg<const acc_t*>(p, 5),              \
+                                    arg<xbn_t*>(p, 6), XBN_NLC_INTS);                              \
+     }}},                                                                                          \
+    {"xbn_stats_fused_ncl_" #S, {15, 5, 4, XBN_THUNK {                                             \
+         xbn_stats_fused_ncl_##S(XBN_STATS_FUSED_POINTERS, d[0], d[1], d[2], d[3], a[0], a[1],     \
+                                 a[2], a[3], a[4]);                                                \
+     }}},                                                                                          \
+    {"xbn_stats_fused_nlc_" #S, {15, 4, 4, XBN_THUNK {                                             \
+         xbn_stats_fused_nlc_##S(XBN_STATS_FUSED_POINTERS, d[0], d[1], d[2], d[3], a[0], a[1],     \
+                                 a[2], a[3]);                                                      \
+     }}},                                                                                          \
+    {"xbn_backward_reduce_fused_ncl_" #S, {13, 5, 0, XBN_THUNK {                                   \
+         xbn_backward_reduce_fused_ncl_##S(XBN_BACKWARD_FUSED_POINTERS, a[0], a[1], a[2], a[3],    \
+                                           a[4]);                                                  \
+     }}},                                                                                          \
+    {"xbn_backward_reduce_fused_nlc_" #S, {13, 4, 0, XBN_THUNK {                                   \
+         xbn_backward_reduce_fused_nlc_##S(XBN_BACKWARD_FUSED_POINTERS, a[0], a[1], a[2], a[3]);   \
      }}},
 
 struct entry {
     int pointers;
     int ints;
+    int doubles;
     thunk run;
 };
 
@@ -305,7 +335,8 @@ struct buffer {
 
 int main(int argc, char** argv) {
     if (argc < 9) {
-        std::fprintf(stderr, "usage: %s KERNEL GX GY BX BY SEED NBUF FILE... NINT INT...\n", argv[0]);
+        std::fprintf(stderr, "usage: %s KERNEL GX GY BX BY SEED NBUF FILE... NINT INT... [NDBL DBL...]\n",
+                     argv[0]);
         return 3;
     }
     const auto found = kernels().find(argv[1]);
@@ -339,15 +370,22 @@ int main(int argc, char** argv) {
         ptrs[b] = bufs[b].data;
     }
     const int nint = std::stoi(argv[i++]);
-    if (nint != k.ints || i + nint != argc) {
+    if (nint != k.ints || i + nint > argc) {
         std::fprintf(stderr, "%s takes %d ints, got %d\n", argv[1], k.ints, nint);
         return 3;
     }
     std::vector<int> ints(nint);
     for (int j = 0; j < nint; ++j) ints[j] = std::stoi(argv[i++]);
+    const int ndbl = i < argc ? std::stoi(argv[i++]) : 0;
+    if (ndbl != k.doubles || i + ndbl != argc) {
+        std::fprintf(stderr, "%s takes %d doubles, got %d\n", argv[1], k.doubles, ndbl);
+        return 3;
+    }
+    std::vector<double> dbls(ndbl + 1);
+    for (int j = 0; j < ndbl; ++j) dbls[j] = std::strtod(argv[i++], nullptr);
 
-    const int problems =
-        xbn_host_launch(gx, gy, bx, by, seed, [&] { k.run(ptrs.data(), ints.data()); });
+    const int problems = xbn_host_launch(gx, gy, bx, by, seed,
+                                         [&] { k.run(ptrs.data(), ints.data(), dbls.data()); });
 
     for (auto& b : bufs) {
         FILE* f = std::fopen(b.path.c_str(), "wb");

@@ -50,6 +50,10 @@ __all__ = [
     "Fallback",
     "LaunchPlan",
     "ARGUMENTS",
+    "FLAG_HAS_WEIGHT",
+    "FLAG_HAS_BIAS",
+    "FLAG_HAS_RUNNING",
+    "FLAG_PARAMS_F64",
     "arguments",
     "dtype_key",
     "accumulator_dtype",
@@ -75,28 +79,48 @@ THREADS_PER_SM = 2048
 #: Blocks an SM keeps resident at most (sm_80 / sm_90), whatever their size.
 BLOCKS_PER_SM = 32
 
-#: Kernel families, one per op of :data:`xbn.backends.OP_NAMES` (``stats`` is ``batch_stats``).
-OPS = ("stats", "backward_reduce", "scale_shift", "backward_apply")
+#: Kernel families: one per pass op of :data:`xbn.backends.PASS_OPS` (``stats`` is
+#: ``batch_stats``), and the two reductions whose last block goes on with the per-channel work
+#: of a whole step (:data:`xbn.backends.STEP_OPS`): ``stats_fused`` (invstd, scale and shift,
+#: new running statistics) and ``backward_reduce_fused`` (dgamma, dbeta, dx's coefficients).
+OPS = ("stats", "backward_reduce", "scale_shift", "backward_apply", "stats_fused",
+       "backward_reduce_fused")
 #: The families with a grid reduction (workspace and counters when parts > 1).
-REDUCTIONS = ("stats", "backward_reduce")
+REDUCTIONS = ("stats", "backward_reduce", "stats_fused", "backward_reduce_fused")
 #: CUDA source of each family.
 SOURCE_OF = {
     "stats": "bn_stats.cu",
     "backward_reduce": "bn_backward_reduce.cu",
     "scale_shift": "bn_elementwise.cu",
     "backward_apply": "bn_elementwise.cu",
+    "stats_fused": "bn_stats.cu",
+    "backward_reduce_fused": "bn_backward_reduce.cu",
 }
 
 #: The leading arguments of each family's kernels, in order (the plan's ints follow them):
-#: arrays, except ``has_shift`` (an int: 0 when scale_shift has no shift). ``ws_*`` are the
-#: grid reduction's partials (``workspace`` slots each; ``ws_n`` int32) and ``counters`` its
-#: zeroed uint32 counters; with ``parts == 1`` the kernels never touch either.
+#: arrays, except the ints ``has_shift`` (0 when scale_shift has no shift) and ``flags`` (the
+#: FLAG_* bits below) and the doubles ``eps``, ``keep`` (1 - momentum), ``momentum`` and
+#: ``unbias`` (M / (M - 1)). ``ws_*`` are the grid reduction's partials (``workspace`` slots
+#: each; ``ws_n`` int32) and ``counters`` its zeroed uint32 counters; with ``parts == 1`` the
+#: kernels never touch either. The parameter vectors (``weight``, ``bias``, ``running_*``,
+#: ``new_running_*``) are float32, or float64 with FLAG_PARAMS_F64; the others are acc_t.
 ARGUMENTS = {
     "stats": ("x", "mean", "var", "ws_a", "ws_b", "ws_n", "counters"),
     "backward_reduce": ("dy", "x", "mean", "sum_dy", "sum_dy_xmu", "ws_a", "ws_b", "counters"),
     "scale_shift": ("x", "scale", "shift", "has_shift", "y"),
     "backward_apply": ("dy", "x", "mean", "k_dy", "k_xmu", "k_const", "dx"),
+    "stats_fused": ("x", "mean", "inv", "scale", "shift", "weight", "bias", "running_mean",
+                    "running_var", "new_running_mean", "new_running_var", "ws_a", "ws_b", "ws_n",
+                    "counters", "eps", "keep", "momentum", "unbias", "flags"),
+    "backward_reduce_fused": ("dy", "x", "mean", "inv", "weight", "dgamma", "dbeta", "k_dy",
+                              "k_xmu", "k_const", "ws_a", "ws_b", "counters", "flags"),
 }
+
+#: Bits of the fused kernels' ``flags`` (XBN_HAS_WEIGHT ... in xbn_common.cuh).
+FLAG_HAS_WEIGHT = 1
+FLAG_HAS_BIAS = 2
+FLAG_HAS_RUNNING = 4
+FLAG_PARAMS_F64 = 8
 
 #: Input dtype name -> (compile key, accumulator dtype name). The key selects -DXBN_DTYPE_<KEY>.
 DTYPES = {

@@ -5,17 +5,62 @@
 // reproducible run after run.
 //
 // Entry points (_v1: scalar loads; _v2/_v4/_v8: W-element vectors of 8 or 16 bytes):
-//   xbn_backward_reduce_ncl_v*  (N, C, S); grid (C, parts), block (threads, 1, 1)
-//   xbn_backward_reduce_nlc_v*  (R, C);    grid (ceil(C / W / TX), parts), block (TX, TY)
+//   xbn_backward_reduce_ncl_v*        (N, C, S); grid (C, parts), block (threads, 1, 1)
+//   xbn_backward_reduce_nlc_v*        (R, C);    grid (ceil(C / W / TX), parts), block (TX, TY)
+//   xbn_backward_reduce_fused_ncl_v*  the same launches, and the thread that finishes a channel
+//   xbn_backward_reduce_fused_nlc_v*  goes on with the per-channel work of the backward
+//                                     (xbn_backward_out): dgamma, dbeta and the coefficients
+//                                     of dx, so a backward is this launch and backward_apply.
 
 #include "xbn_common.cuh"
 
-template <int W>
+// What the thread that finishes channel c does with its sums: the plain kernels store them.
+struct xbn_reduce_out {
+    acc_t* sum_dy;
+    acc_t* sum_dy_xmu;
+
+    __device__ __forceinline__ void operator()(int c, acc_t s_dy, acc_t s_dy_xmu) const {
+        sum_dy[c] = s_dy;
+        sum_dy_xmu[c] = s_dy_xmu;
+    }
+};
+
+// The fused kernels' finish: xbn.functional.batch_norm_backward's per-channel work, formula for
+// formula (backward_coefficients; dgamma = sum_dy_xmu * inv, dbeta = sum_dy), so that results
+// match the generic composition's to the rounding of the sums themselves. With dx = dy * k_dy +
+// (x - mean) * k_xmu + k_const (backward_apply), or dx = dy * k_dy when the statistics were
+// running ones (eval mode: k_xmu and k_const are then written but not used).
+struct xbn_backward_out {
+    const acc_t* inv;
+    const void* weight;
+    acc_t* dgamma;
+    acc_t* dbeta;
+    acc_t* k_dy;
+    acc_t* k_xmu;
+    acc_t* k_const;
+    int flags;    // XBN_HAS_WEIGHT | XBN_PARAMS_F64
+    int count;    // M, values per channel
+
+    __device__ __forceinline__ void operator()(int c, acc_t s_dy, acc_t s_dy_xmu) const {
+        const acc_t iv = inv[c];
+        const acc_t m = (acc_t)count;
+        const acc_t a = (flags & XBN_HAS_WEIGHT)
+                            ? xbn_mul_rn(iv, xbn_param(weight, c, (flags & XBN_PARAMS_F64) != 0))
+                            : iv;
+        dgamma[c] = xbn_mul_rn(s_dy_xmu, iv);
+        dbeta[c] = s_dy;
+        k_dy[c] = a;
+        // -k_dy * inv * inv * sum_dy_xmu / M and -k_dy * sum_dy / M, left to right
+        k_xmu[c] = xbn_div_rn(xbn_mul_rn(xbn_mul_rn(xbn_mul_rn(-a, iv), iv), s_dy_xmu), m);
+        k_const[c] = xbn_div_rn(xbn_mul_rn(-a, s_dy), m);
+    }
+};
+
+template <int W, class Out>
 __device__ __forceinline__ void xbn_backward_reduce_ncl(
     const xbn_t* __restrict__ dy, const xbn_t* __restrict__ x, const acc_t* __restrict__ mean,
-    acc_t* __restrict__ sum_dy_out, acc_t* __restrict__ sum_dy_xmu_out,
     acc_t* __restrict__ ws_dy, acc_t* __restrict__ ws_dy_xmu, unsigned int* __restrict__ counters,
-    int n_outer, int channels, int sv, int chunk) {
+    int n_outer, int channels, int sv, int chunk, const Out& out) {
     const int c = blockIdx.x;
     const int part = blockIdx.y;
     const int parts = gridDim.y;
@@ -58,32 +103,24 @@ __device__ __forceinline__ void xbn_backward_reduce_ncl(
     }
 
     xbn_block_sum2(s_dy, s_dy_xmu);
-    if (parts == 1) {
+    if (parts > 1) {
         if (threadIdx.x == 0) {
-            sum_dy_out[c] = s_dy;
-            sum_dy_xmu_out[c] = s_dy_xmu;
+            ws_dy[c * parts + part] = s_dy;
+            ws_dy_xmu[c * parts + part] = s_dy_xmu;
+            __threadfence();
         }
-        return;
-    }
-    if (threadIdx.x == 0) {
-        ws_dy[c * parts + part] = s_dy;
-        ws_dy_xmu[c * parts + part] = s_dy_xmu;
-        __threadfence();
-    }
-    if (!xbn_arrive_last(counters + c, (unsigned int)parts)) return;
+        if (!xbn_arrive_last(counters + c, (unsigned int)parts)) return;
 
-    s_dy = 0;
-    s_dy_xmu = 0;
-    for (int i = (int)threadIdx.x; i < parts; i += (int)blockDim.x) {
-        s_dy += xbn_ld_cg(ws_dy + c * parts + i);
-        s_dy_xmu += xbn_ld_cg(ws_dy_xmu + c * parts + i);
+        s_dy = 0;
+        s_dy_xmu = 0;
+        for (int i = (int)threadIdx.x; i < parts; i += (int)blockDim.x) {
+            s_dy += xbn_ld_cg(ws_dy + c * parts + i);
+            s_dy_xmu += xbn_ld_cg(ws_dy_xmu + c * parts + i);
+        }
+        xbn_block_sum2(s_dy, s_dy_xmu);
+        xbn_release_counter(counters + c);
     }
-    xbn_block_sum2(s_dy, s_dy_xmu);
-    if (threadIdx.x == 0) {
-        sum_dy_out[c] = s_dy;
-        sum_dy_xmu_out[c] = s_dy_xmu;
-    }
-    xbn_release_counter(counters + c);
+    if (threadIdx.x == 0) out(c, s_dy, s_dy_xmu);
 }
 
 // Sum the (TX, TY) threads' W-channel pairs down the y axis in a fixed tree; the result for
@@ -114,12 +151,11 @@ __device__ __forceinline__ void xbn_column_sum2(acc_t (&a)[W], acc_t (&b)[W]) {
     }
 }
 
-template <int W>
+template <int W, class Out>
 __device__ __forceinline__ void xbn_backward_reduce_nlc(
     const xbn_t* __restrict__ dy, const xbn_t* __restrict__ x, const acc_t* __restrict__ mean,
-    acc_t* __restrict__ sum_dy_out, acc_t* __restrict__ sum_dy_xmu_out,
     acc_t* __restrict__ ws_dy, acc_t* __restrict__ ws_dy_xmu, unsigned int* __restrict__ counters,
-    int rows, int cvs, int chunk_rows) {
+    int rows, int cvs, int chunk_rows, const Out& out) {
     const int cv = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     const bool active = cv < cvs;
     const int part = blockIdx.y;
@@ -166,52 +202,46 @@ __device__ __forceinline__ void xbn_backward_reduce_nlc(
     }
 
     xbn_column_sum2<W>(s_dy, s_dy_xmu);
-    if (parts == 1) {
+    if (parts > 1) {
         if (ty == 0 && active) {
+            const int slot = part * cvs + cv;
 #pragma unroll
             for (int w = 0; w < W; ++w) {
-                sum_dy_out[cv * W + w] = s_dy[w];
-                sum_dy_xmu_out[cv * W + w] = s_dy_xmu[w];
+                ws_dy[slot * W + w] = s_dy[w];
+                ws_dy_xmu[slot * W + w] = s_dy_xmu[w];
             }
+            __threadfence();
         }
-        return;
-    }
-    if (ty == 0 && active) {
-        const int slot = part * cvs + cv;
-#pragma unroll
-        for (int w = 0; w < W; ++w) {
-            ws_dy[slot * W + w] = s_dy[w];
-            ws_dy_xmu[slot * W + w] = s_dy_xmu[w];
-        }
-        __threadfence();
-    }
-    if (!xbn_arrive_last(counters + blockIdx.x, (unsigned int)parts)) return;
+        if (!xbn_arrive_last(counters + blockIdx.x, (unsigned int)parts)) return;
 
 #pragma unroll
-    for (int w = 0; w < W; ++w) {
-        s_dy[w] = 0;
-        s_dy_xmu[w] = 0;
-    }
-    if (active) {
-        for (int i = ty; i < parts; i += tys) {
-            const int slot = i * cvs + cv;
+        for (int w = 0; w < W; ++w) {
+            s_dy[w] = 0;
+            s_dy_xmu[w] = 0;
+        }
+        if (active) {
+            for (int i = ty; i < parts; i += tys) {
+                const int slot = i * cvs + cv;
 #pragma unroll
-            for (int w = 0; w < W; ++w) {
-                s_dy[w] += xbn_ld_cg(ws_dy + slot * W + w);
-                s_dy_xmu[w] += xbn_ld_cg(ws_dy_xmu + slot * W + w);
+                for (int w = 0; w < W; ++w) {
+                    s_dy[w] += xbn_ld_cg(ws_dy + slot * W + w);
+                    s_dy_xmu[w] += xbn_ld_cg(ws_dy_xmu + slot * W + w);
+                }
             }
         }
+        xbn_column_sum2<W>(s_dy, s_dy_xmu);
+        xbn_release_counter(counters + blockIdx.x);
     }
-    xbn_column_sum2<W>(s_dy, s_dy_xmu);
     if (ty == 0 && active) {
 #pragma unroll
-        for (int w = 0; w < W; ++w) {
-            sum_dy_out[cv * W + w] = s_dy[w];
-            sum_dy_xmu_out[cv * W + w] = s_dy_xmu[w];
-        }
+        for (int w = 0; w < W; ++w) out(cv * W + w, s_dy[w], s_dy_xmu[w]);
     }
-    xbn_release_counter(counters + blockIdx.x);
 }
+
+#define XBN_BACKWARD_OUT(COUNT)                                                                 \
+    xbn_backward_out {                                                                         \
+        inv, weight, dgamma, dbeta, k_dy, k_xmu, k_const, flags, COUNT                         \
+    }
 
 #define XBN_BACKWARD_REDUCE_ENTRIES(SUFFIX, W)                                                 \
     extern "C" __global__ void __launch_bounds__(XBN_MAX_THREADS)                             \
@@ -221,8 +251,8 @@ __device__ __forceinline__ void xbn_backward_reduce_nlc(
             acc_t* __restrict__ sum_dy_xmu_out, acc_t* __restrict__ ws_dy,                     \
             acc_t* __restrict__ ws_dy_xmu, unsigned int* __restrict__ counters, int n_outer,   \
             int channels, int sv, int chunk) {                                                 \
-        xbn_backward_reduce_ncl<W>(dy, x, mean, sum_dy_out, sum_dy_xmu_out, ws_dy, ws_dy_xmu,  \
-                                   counters, n_outer, channels, sv, chunk);                    \
+        xbn_backward_reduce_ncl<W>(dy, x, mean, ws_dy, ws_dy_xmu, counters, n_outer, channels, \
+                                   sv, chunk, xbn_reduce_out{sum_dy_out, sum_dy_xmu_out});     \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(XBN_MAX_THREADS)                             \
         xbn_backward_reduce_nlc_##SUFFIX(                                                      \
@@ -231,8 +261,32 @@ __device__ __forceinline__ void xbn_backward_reduce_nlc(
             acc_t* __restrict__ sum_dy_xmu_out, acc_t* __restrict__ ws_dy,                     \
             acc_t* __restrict__ ws_dy_xmu, unsigned int* __restrict__ counters, int rows,      \
             int cvs, int chunk_rows) {                                                         \
-        xbn_backward_reduce_nlc<W>(dy, x, mean, sum_dy_out, sum_dy_xmu_out, ws_dy, ws_dy_xmu,  \
-                                   counters, rows, cvs, chunk_rows);                           \
+        xbn_backward_reduce_nlc<W>(dy, x, mean, ws_dy, ws_dy_xmu, counters, rows, cvs,         \
+                                   chunk_rows, xbn_reduce_out{sum_dy_out, sum_dy_xmu_out});    \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(XBN_MAX_THREADS)                             \
+        xbn_backward_reduce_fused_ncl_##SUFFIX(                                                \
+            const xbn_t* __restrict__ dy, const xbn_t* __restrict__ x,                         \
+            const acc_t* __restrict__ mean, const acc_t* __restrict__ inv,                     \
+            const void* __restrict__ weight, acc_t* __restrict__ dgamma,                       \
+            acc_t* __restrict__ dbeta, acc_t* __restrict__ k_dy, acc_t* __restrict__ k_xmu,    \
+            acc_t* __restrict__ k_const, acc_t* __restrict__ ws_dy,                            \
+            acc_t* __restrict__ ws_dy_xmu, unsigned int* __restrict__ counters, int flags,     \
+            int n_outer, int channels, int sv, int chunk) {                                    \
+        xbn_backward_reduce_ncl<W>(dy, x, mean, ws_dy, ws_dy_xmu, counters, n_outer, channels, \
+                                   sv, chunk, XBN_BACKWARD_OUT(n_outer * sv * W));             \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(XBN_MAX_THREADS)                             \
+        xbn_backward_reduce_fused_nlc_##SUFFIX(                                                \
+            const xbn_t* __restrict__ dy, const xbn_t* __restrict__ x,                         \
+            const acc_t* __restrict__ mean, const acc_t* __restrict__ inv,                     \
+            const void* __restrict__ weight, acc_t* __restrict__ dgamma,                       \
+            acc_t* __restrict__ dbeta, acc_t* __restrict__ k_dy, acc_t* __restrict__ k_xmu,    \
+            acc_t* __restrict__ k_const, acc_t* __restrict__ ws_dy,                            \
+            acc_t* __restrict__ ws_dy_xmu, unsigned int* __restrict__ counters, int flags,     \
+            int rows, int cvs, int chunk_rows) {                                               \
+        xbn_backward_reduce_nlc<W>(dy, x, mean, ws_dy, ws_dy_xmu, counters, rows, cvs,         \
+                                   chunk_rows, XBN_BACKWARD_OUT(rows));                        \
     }
 
 XBN_FOR_EACH_WIDTH(XBN_BACKWARD_REDUCE_ENTRIES)

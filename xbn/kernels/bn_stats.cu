@@ -2,25 +2,33 @@
 // merge across threads, blocks and the grid. Deterministic: every block owns a fixed slice of
 // its channel, and the last block to finish merges the per-block partials in slice order, so
 // the same input gives bitwise the same statistics whichever block happens to finish last.
+// The values are shifted by their channel's first value before they are accumulated (as
+// xbn.functional.batch_stats does): a constant channel then has exactly its value as mean and
+// exactly 0 as variance, and a large common offset costs the statistics no digits.
 //
 // Entry points (_v1: scalar loads; _v2/_v4/_v8: W-element vectors of 8 or 16 bytes):
-//   xbn_stats_ncl_v*  channel-major (N, C, S); grid (C, parts), block (threads, 1, 1)
-//   xbn_stats_nlc_v*  channels-last (R, C); grid (ceil(C / W / TX), parts), block (TX, TY)
+//   xbn_stats_ncl_v*        channel-major (N, C, S); grid (C, parts), block (threads, 1, 1)
+//   xbn_stats_nlc_v*        channels-last (R, C); grid (ceil(C / W / TX), parts), block (TX, TY)
+//   xbn_stats_fused_ncl_v*  the same launches, and the thread that finishes a channel goes on
+//   xbn_stats_fused_nlc_v*  with the per-channel work of a training forward (xbn_forward_out):
+//                           invstd, the (scale, shift) of y = x * scale + shift, and the new
+//                           running statistics, so a forward is this launch and scale_shift.
 // Workspace (only when parts > 1): partial means, M2 and counts, C * parts each, and one
 // zeroed unsigned counter per channel (ncl) or per column of blocks (nlc), left zeroed again.
 
 #include "xbn_common.cuh"
 
-// Statistics of the first k of XBN_UNROLL loaded vectors, merged into (mean, m2, n).
+// Statistics of the first k of XBN_UNROLL loaded vectors, shifted by `first`, merged into
+// (mean, m2, n).
 template <int W>
 __device__ __forceinline__ void xbn_welford_group(const xbn_vec<W> (&buf)[XBN_UNROLL], int k,
-                                                  acc_t& mean, acc_t& m2, int& n) {
+                                                  acc_t first, acc_t& mean, acc_t& m2, int& n) {
     acc_t sum = 0;
 #pragma unroll
     for (int u = 0; u < XBN_UNROLL; ++u) {
         if (u < k) {
 #pragma unroll
-            for (int w = 0; w < W; ++w) sum += xbn_load_acc(buf[u].v[w]);
+            for (int w = 0; w < W; ++w) sum += xbn_load_acc(buf[u].v[w]) - first;
         }
     }
     const int gn = k * W;
@@ -31,7 +39,7 @@ __device__ __forceinline__ void xbn_welford_group(const xbn_vec<W> (&buf)[XBN_UN
         if (u < k) {
 #pragma unroll
             for (int w = 0; w < W; ++w) {
-                const acc_t d = xbn_load_acc(buf[u].v[w]) - gmean;
+                const acc_t d = (xbn_load_acc(buf[u].v[w]) - first) - gmean;
                 gm2 += d * d;
             }
         }
@@ -39,15 +47,90 @@ __device__ __forceinline__ void xbn_welford_group(const xbn_vec<W> (&buf)[XBN_UN
     xbn_chan_merge(mean, m2, n, gmean, gm2, gn);
 }
 
-template <int W>
+// What the thread that finishes channel c does with its statistics (mean, M2 over n values):
+// the plain kernels store mean and biased variance.
+struct xbn_stats_out {
+    acc_t* mean;
+    acc_t* var;
+
+    __device__ __forceinline__ void operator()(int c, acc_t mu, acc_t m2, int n) const {
+        mean[c] = mu;
+        var[c] = m2 / (acc_t)n;
+    }
+};
+
+// new = (1 - m) * running + m * batch in the parameters' dtype P, each operation rounded as
+// the generic path's array operations round (xbn.functional.updated_running_stats).
+template <class P>
+__device__ __forceinline__ void xbn_running_update(const void* running_mean,
+                                                   const void* running_var,
+                                                   void* new_running_mean, void* new_running_var,
+                                                   int c, double keep, double momentum, acc_t mu,
+                                                   acc_t unbiased) {
+    const P k = (P)keep;
+    const P m = (P)momentum;
+    static_cast<P*>(new_running_mean)[c] =
+        xbn_add_rn(xbn_mul_rn(k, static_cast<const P*>(running_mean)[c]), xbn_mul_rn(m, (P)mu));
+    static_cast<P*>(new_running_var)[c] =
+        xbn_add_rn(xbn_mul_rn(k, static_cast<const P*>(running_var)[c]), xbn_mul_rn(m, (P)unbiased));
+}
+
+// The fused kernels' finish: the per-channel work of xbn.functional.batch_norm_forward, formula
+// for formula (invstd, scale_shift_coefficients with var=, updated_running_stats), so that
+// results match the generic composition's to the rounding of the statistics themselves.
+// Outputs are new arrays; the running statistics are read, never written in place.
+struct xbn_forward_out {
+    acc_t* mean;
+    acc_t* inv;
+    acc_t* scale;
+    acc_t* shift;
+    const void* weight;
+    const void* bias;
+    const void* running_mean;
+    const void* running_var;
+    void* new_running_mean;
+    void* new_running_var;
+    double eps;
+    double keep;      // 1 - momentum, as the host computed it
+    double momentum;
+    double unbias;    // M / (M - 1)
+    int flags;        // XBN_HAS_WEIGHT | XBN_HAS_BIAS | XBN_HAS_RUNNING | XBN_PARAMS_F64
+
+    __device__ __forceinline__ void operator()(int c, acc_t mu, acc_t m2, int n) const {
+        const bool f64 = (flags & XBN_PARAMS_F64) != 0;
+        const acc_t var = m2 / (acc_t)n;
+        // 1 / sqrt(var + eps), each step correctly rounded (rsqrt's error is larger).
+        const acc_t iv = xbn_div_rn((acc_t)1, xbn_sqrt_rn(xbn_add_rn(var, (acc_t)eps)));
+        acc_t a = (flags & XBN_HAS_WEIGHT) ? xbn_mul_rn(iv, xbn_param(weight, c, f64)) : iv;
+        // A constant channel (var == 0 exactly) gets scale 0: y is then exactly the bias.
+        if (var == (acc_t)0) a = (acc_t)0;
+        acc_t b = xbn_mul_rn(-mu, a);
+        if (flags & XBN_HAS_BIAS) b = xbn_add_rn(b, xbn_param(bias, c, f64));
+        mean[c] = mu;
+        inv[c] = iv;
+        scale[c] = a;
+        shift[c] = b;
+        if (flags & XBN_HAS_RUNNING) {
+            const acc_t unbiased = xbn_mul_rn(var, (acc_t)unbias);
+            if (f64) {
+                xbn_running_update<double>(running_mean, running_var, new_running_mean,
+                                           new_running_var, c, keep, momentum, mu, unbiased);
+            } else {
+                xbn_running_update<float>(running_mean, running_var, new_running_mean,
+                                          new_running_var, c, keep, momentum, mu, unbiased);
+            }
+        }
+    }
+};
+
+template <int W, class Out>
 __device__ __forceinline__ void xbn_stats_ncl(const xbn_t* __restrict__ x,
-                                              acc_t* __restrict__ mean_out,
-                                              acc_t* __restrict__ var_out,
                                               acc_t* __restrict__ ws_mean,
                                               acc_t* __restrict__ ws_m2,
                                               int* __restrict__ ws_n,
                                               unsigned int* __restrict__ counters,
-                                              int n_outer, int channels, int sv, int chunk) {
+                                              int n_outer, int channels, int sv, int chunk,
+                                              const Out& out) {
     const int c = blockIdx.x;
     const int part = blockIdx.y;
     const int parts = gridDim.y;
@@ -56,6 +139,7 @@ __device__ __forceinline__ void xbn_stats_ncl(const xbn_t* __restrict__ x,
     const int end = min(begin + chunk, mv);
     const int csv = channels * sv;
     const xbn_vec<W>* xc = reinterpret_cast<const xbn_vec<W>*>(x) + c * sv;
+    const acc_t first = xbn_load_acc(x[c * sv * W]);  // the channel's value at n = 0, s = 0
 
     acc_t mean = 0, m2 = 0;
     int n = 0;
@@ -73,41 +157,33 @@ __device__ __forceinline__ void xbn_stats_ncl(const xbn_t* __restrict__ x,
             m += (int)blockDim.x;
             walk.advance();
         }
-        xbn_welford_group<W>(buf, k, mean, m2, n);
+        xbn_welford_group<W>(buf, k, first, mean, m2, n);
     }
 
     xbn_block_welford(mean, m2, n);
-    if (parts == 1) {
+    if (parts > 1) {
         if (threadIdx.x == 0) {
-            mean_out[c] = mean;
-            var_out[c] = m2 / (acc_t)n;
+            const int slot = c * parts + part;
+            ws_mean[slot] = mean;
+            ws_m2[slot] = m2;
+            ws_n[slot] = n;
+            __threadfence();
         }
-        return;
-    }
-    if (threadIdx.x == 0) {
-        const int slot = c * parts + part;
-        ws_mean[slot] = mean;
-        ws_m2[slot] = m2;
-        ws_n[slot] = n;
-        __threadfence();
-    }
-    if (!xbn_arrive_last(counters + c, (unsigned int)parts)) return;
+        if (!xbn_arrive_last(counters + c, (unsigned int)parts)) return;
 
-    // The last block: partials in slice order per thread, then the fixed block tree.
-    mean = 0;
-    m2 = 0;
-    n = 0;
-    for (int i = (int)threadIdx.x; i < parts; i += (int)blockDim.x) {
-        const int slot = c * parts + i;
-        xbn_chan_merge(mean, m2, n, xbn_ld_cg(ws_mean + slot), xbn_ld_cg(ws_m2 + slot),
-                       xbn_ld_cg(ws_n + slot));
+        // The last block: partials in slice order per thread, then the fixed block tree.
+        mean = 0;
+        m2 = 0;
+        n = 0;
+        for (int i = (int)threadIdx.x; i < parts; i += (int)blockDim.x) {
+            const int slot = c * parts + i;
+            xbn_chan_merge(mean, m2, n, xbn_ld_cg(ws_mean + slot), xbn_ld_cg(ws_m2 + slot),
+                           xbn_ld_cg(ws_n + slot));
+        }
+        xbn_block_welford(mean, m2, n);
+        xbn_release_counter(counters + c);
     }
-    xbn_block_welford(mean, m2, n);
-    if (threadIdx.x == 0) {
-        mean_out[c] = mean;
-        var_out[c] = m2 / (acc_t)n;
-    }
-    xbn_release_counter(counters + c);
+    if (threadIdx.x == 0) out(c, first + mean, m2, n);
 }
 
 // Merge the (TX, TY) threads' states down the y axis of the block, in a fixed tree: the result
@@ -142,15 +218,13 @@ __device__ __forceinline__ void xbn_column_welford(acc_t (&mean)[W], acc_t (&m2)
     }
 }
 
-template <int W>
+template <int W, class Out>
 __device__ __forceinline__ void xbn_stats_nlc(const xbn_t* __restrict__ x,
-                                              acc_t* __restrict__ mean_out,
-                                              acc_t* __restrict__ var_out,
                                               acc_t* __restrict__ ws_mean,
                                               acc_t* __restrict__ ws_m2,
                                               int* __restrict__ ws_n,
                                               unsigned int* __restrict__ counters,
-                                              int rows, int cvs, int chunk_rows) {
+                                              int rows, int cvs, int chunk_rows, const Out& out) {
     const int cv = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     const bool active = cv < cvs;
     const int part = blockIdx.y;
@@ -161,11 +235,17 @@ __device__ __forceinline__ void xbn_stats_nlc(const xbn_t* __restrict__ x,
     const int tys = (int)blockDim.y;
     const xbn_vec<W>* xv = reinterpret_cast<const xbn_vec<W>*>(x);
 
-    acc_t mean[W], m2[W];
+    acc_t mean[W], m2[W], first[W];
 #pragma unroll
     for (int w = 0; w < W; ++w) {
         mean[w] = 0;
         m2[w] = 0;
+        first[w] = 0;
+    }
+    if (active) {
+        const xbn_vec<W> row0 = xv[cv];  // the W channels' values in row 0
+#pragma unroll
+        for (int w = 0; w < W; ++w) first[w] = xbn_load_acc(row0.v[w]);
     }
     int n = 0;
     if (active) {
@@ -187,14 +267,14 @@ __device__ __forceinline__ void xbn_stats_nlc(const xbn_t* __restrict__ x,
                 acc_t sum = 0;
 #pragma unroll
                 for (int u = 0; u < XBN_UNROLL; ++u) {
-                    if (u < k) sum += xbn_load_acc(buf[u].v[w]);
+                    if (u < k) sum += xbn_load_acc(buf[u].v[w]) - first[w];
                 }
                 gmean[w] = sum * inv_k;
                 acc_t sq = 0;
 #pragma unroll
                 for (int u = 0; u < XBN_UNROLL; ++u) {
                     if (u < k) {
-                        const acc_t d = xbn_load_acc(buf[u].v[w]) - gmean[w];
+                        const acc_t d = (xbn_load_acc(buf[u].v[w]) - first[w]) - gmean[w];
                         sq += d * d;
                     }
                 }
@@ -205,73 +285,92 @@ __device__ __forceinline__ void xbn_stats_nlc(const xbn_t* __restrict__ x,
     }
 
     xbn_column_welford<W>(mean, m2, n);
-    if (parts == 1) {
+    if (parts > 1) {
         if (ty == 0 && active) {
+            const int slot = part * cvs + cv;
 #pragma unroll
             for (int w = 0; w < W; ++w) {
-                mean_out[cv * W + w] = mean[w];
-                var_out[cv * W + w] = m2[w] / (acc_t)n;
+                ws_mean[slot * W + w] = mean[w];
+                ws_m2[slot * W + w] = m2[w];
             }
+            ws_n[slot] = n;
+            __threadfence();
         }
-        return;
-    }
-    if (ty == 0 && active) {
-        const int slot = part * cvs + cv;
-#pragma unroll
-        for (int w = 0; w < W; ++w) {
-            ws_mean[slot * W + w] = mean[w];
-            ws_m2[slot * W + w] = m2[w];
-        }
-        ws_n[slot] = n;
-        __threadfence();
-    }
-    if (!xbn_arrive_last(counters + blockIdx.x, (unsigned int)parts)) return;
+        if (!xbn_arrive_last(counters + blockIdx.x, (unsigned int)parts)) return;
 
 #pragma unroll
-    for (int w = 0; w < W; ++w) {
-        mean[w] = 0;
-        m2[w] = 0;
-    }
-    n = 0;
-    if (active) {
-        for (int i = ty; i < parts; i += tys) {
-            const int slot = i * cvs + cv;
-            acc_t mean_b[W], m2_b[W];
-#pragma unroll
-            for (int w = 0; w < W; ++w) {
-                mean_b[w] = xbn_ld_cg(ws_mean + slot * W + w);
-                m2_b[w] = xbn_ld_cg(ws_m2 + slot * W + w);
-            }
-            xbn_chan_merge_shared<W>(mean, m2, n, mean_b, m2_b, xbn_ld_cg(ws_n + slot));
+        for (int w = 0; w < W; ++w) {
+            mean[w] = 0;
+            m2[w] = 0;
         }
+        n = 0;
+        if (active) {
+            for (int i = ty; i < parts; i += tys) {
+                const int slot = i * cvs + cv;
+                acc_t mean_b[W], m2_b[W];
+#pragma unroll
+                for (int w = 0; w < W; ++w) {
+                    mean_b[w] = xbn_ld_cg(ws_mean + slot * W + w);
+                    m2_b[w] = xbn_ld_cg(ws_m2 + slot * W + w);
+                }
+                xbn_chan_merge_shared<W>(mean, m2, n, mean_b, m2_b, xbn_ld_cg(ws_n + slot));
+            }
+        }
+        xbn_column_welford<W>(mean, m2, n);
+        xbn_release_counter(counters + blockIdx.x);
     }
-    xbn_column_welford<W>(mean, m2, n);
     if (ty == 0 && active) {
 #pragma unroll
-        for (int w = 0; w < W; ++w) {
-            mean_out[cv * W + w] = mean[w];
-            var_out[cv * W + w] = m2[w] / (acc_t)n;
-        }
+        for (int w = 0; w < W; ++w) out(cv * W + w, first[w] + mean[w], m2[w], n);
     }
-    xbn_release_counter(counters + blockIdx.x);
 }
 
-#define XBN_STATS_ENTRIES(SUFFIX, W)                                                         \
-    extern "C" __global__ void __launch_bounds__(XBN_MAX_THREADS) xbn_stats_ncl_##SUFFIX(   \
-        const xbn_t* __restrict__ x, acc_t* __restrict__ mean_out,                           \
-        acc_t* __restrict__ var_out, acc_t* __restrict__ ws_mean, acc_t* __restrict__ ws_m2, \
-        int* __restrict__ ws_n, unsigned int* __restrict__ counters, int n_outer,            \
-        int channels, int sv, int chunk) {                                                   \
-        xbn_stats_ncl<W>(x, mean_out, var_out, ws_mean, ws_m2, ws_n, counters, n_outer,      \
-                         channels, sv, chunk);                                               \
-    }                                                                                        \
-    extern "C" __global__ void __launch_bounds__(XBN_MAX_THREADS) xbn_stats_nlc_##SUFFIX(   \
-        const xbn_t* __restrict__ x, acc_t* __restrict__ mean_out,                           \
-        acc_t* __restrict__ var_out, acc_t* __restrict__ ws_mean, acc_t* __restrict__ ws_m2, \
-        int* __restrict__ ws_n, unsigned int* __restrict__ counters, int rows, int cvs,      \
-        int chunk_rows) {                                                                    \
-        xbn_stats_nlc<W>(x, mean_out, var_out, ws_mean, ws_m2, ws_n, counters, rows, cvs,    \
-                         chunk_rows);                                                        \
+#define XBN_FORWARD_OUT                                                                        \
+    xbn_forward_out {                                                                          \
+        mean, inv, scale, shift, weight, bias, running_mean, running_var, new_running_mean,    \
+            new_running_var, eps, keep, momentum, unbias, flags                                \
+    }
+
+#define XBN_STATS_ENTRIES(SUFFIX, W)                                                           \
+    extern "C" __global__ void __launch_bounds__(XBN_MAX_THREADS) xbn_stats_ncl_##SUFFIX(     \
+        const xbn_t* __restrict__ x, acc_t* __restrict__ mean_out,                             \
+        acc_t* __restrict__ var_out, acc_t* __restrict__ ws_mean, acc_t* __restrict__ ws_m2,   \
+        int* __restrict__ ws_n, unsigned int* __restrict__ counters, int n_outer,              \
+        int channels, int sv, int chunk) {                                                     \
+        xbn_stats_ncl<W>(x, ws_mean, ws_m2, ws_n, counters, n_outer, channels, sv, chunk,      \
+                         xbn_stats_out{mean_out, var_out});                                    \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(XBN_MAX_THREADS) xbn_stats_nlc_##SUFFIX(     \
+        const xbn_t* __restrict__ x, acc_t* __restrict__ mean_out,                             \
+        acc_t* __restrict__ var_out, acc_t* __restrict__ ws_mean, acc_t* __restrict__ ws_m2,   \
+        int* __restrict__ ws_n, unsigned int* __restrict__ counters, int rows, int cvs,        \
+        int chunk_rows) {                                                                      \
+        xbn_stats_nlc<W>(x, ws_mean, ws_m2, ws_n, counters, rows, cvs, chunk_rows,             \
+                         xbn_stats_out{mean_out, var_out});                                    \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(XBN_MAX_THREADS) xbn_stats_fused_ncl_##SUFFIX( \
+        const xbn_t* __restrict__ x, acc_t* __restrict__ mean, acc_t* __restrict__ inv,        \
+        acc_t* __restrict__ scale, acc_t* __restrict__ shift, const void* __restrict__ weight, \
+        const void* __restrict__ bias, const void* __restrict__ running_mean,                  \
+        const void* __restrict__ running_var, void* __restrict__ new_running_mean,             \
+        void* __restrict__ new_running_var, acc_t* __restrict__ ws_mean,                       \
+        acc_t* __restrict__ ws_m2, int* __restrict__ ws_n, unsigned int* __restrict__ counters, \
+        double eps, double keep, double momentum, double unbias, int flags, int n_outer,       \
+        int channels, int sv, int chunk) {                                                     \
+        xbn_stats_ncl<W>(x, ws_mean, ws_m2, ws_n, counters, n_outer, channels, sv, chunk,      \
+                         XBN_FORWARD_OUT);                                                     \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(XBN_MAX_THREADS) xbn_stats_fused_nlc_##SUFFIX( \
+        const xbn_t* __restrict__ x, acc_t* __restrict__ mean, acc_t* __restrict__ inv,        \
+        acc_t* __restrict__ scale, acc_t* __restrict__ shift, const void* __restrict__ weight, \
+        const void* __restrict__ bias, const void* __restrict__ running_mean,                  \
+        const void* __restrict__ running_var, void* __restrict__ new_running_mean,             \
+        void* __restrict__ new_running_var, acc_t* __restrict__ ws_mean,                       \
+        acc_t* __restrict__ ws_m2, int* __restrict__ ws_n, unsigned int* __restrict__ counters, \
+        double eps, double keep, double momentum, double unbias, int flags, int rows, int cvs, \
+        int chunk_rows) {                                                                      \
+        xbn_stats_nlc<W>(x, ws_mean, ws_m2, ws_n, counters, rows, cvs, chunk_rows,             \
+                         XBN_FORWARD_OUT);                                                     \
     }
 
 XBN_FOR_EACH_WIDTH(XBN_STATS_ENTRIES)

@@ -78,6 +78,33 @@ __device__ __forceinline__ acc_t xbn_load_acc(xbn_t v) { return v; }
 __device__ __forceinline__ xbn_t xbn_store_acc(acc_t v) { return v; }
 #endif
 
+// Correctly rounded operations the compiler may not contract into an fma. The per-channel
+// epilogues of the fused reductions (bn_stats.cu, bn_backward_reduce.cu) compute the same
+// formulas as xbn.functional, whose every array operation rounds once; a contracted
+// a * b + c would round once less and drift from the generic path by an ulp here and there.
+__device__ __forceinline__ float xbn_mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double xbn_mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float xbn_add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double xbn_add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float xbn_div_rn(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double xbn_div_rn(double a, double b) { return __ddiv_rn(a, b); }
+__device__ __forceinline__ float xbn_sqrt_rn(float a) { return __fsqrt_rn(a); }
+__device__ __forceinline__ double xbn_sqrt_rn(double a) { return __dsqrt_rn(a); }
+
+// Flags of the fused epilogues (bits of their int argument `flags`; xbn/kernels/_launch.py has
+// the same values). Parameters (weight, bias, running statistics) are float32 or float64 as
+// the layer's dtype says, independently of the input's dtype: one flag says which.
+#define XBN_HAS_WEIGHT 1
+#define XBN_HAS_BIAS 2
+#define XBN_HAS_RUNNING 4
+#define XBN_PARAMS_F64 8
+
+// Element i of a parameter vector of float32 (or float64 with f64), rounded to acc_t as
+// xp.astype(weight, acc dtype) rounds it.
+__device__ __forceinline__ acc_t xbn_param(const void* p, int i, bool f64) {
+    return f64 ? (acc_t) static_cast<const double*>(p)[i] : (acc_t) static_cast<const float*>(p)[i];
+}
+
 // W consecutive elements, aligned to their size so one 16-byte (or 2/4/8-byte) access moves them.
 template <int W>
 struct alignas(sizeof(xbn_t) * W) xbn_vec {
