@@ -3,7 +3,8 @@ CuPy (tests/fake_cupy.py) and the real kernels run by the CPU emulator (tests/cu
 
 What this covers that the other CPU tests do not: the wrappers' argument assembly, workspace
 and placeholder arguments, out= handling, vector width from real pointers, the fallbacks of
-the registered functions, the per-stream counters. What it cannot cover: CuPy itself, NVRTC at
+the registered functions, the per-stream counters; the whole-step ops as two launches each,
+against the generic composition of xbn.functional, and their fallbacks to it. What it cannot cover: CuPy itself, NVRTC at
 run time, the GPU (tests/test_kernels_cupy.py on a GPU does).
 """
 
@@ -11,10 +12,13 @@ from __future__ import annotations
 
 import sys
 
+import array_api_compat.numpy as xnp
 import numpy as np
 import pytest
 
 import host_kernels as hk
+import reference as ref
+from xbn import backends, functional
 
 pytestmark = pytest.mark.skipif(
     hk.compiler() is None, reason="needs g++ with sanitizers to run the CUDA kernels on the CPU"
@@ -161,3 +165,162 @@ def test_fallbacks(fake):
     # wrong channel count in a coefficient vector
     assert kc.launch_scale_shift(x, cp.ones(3), None, axis=1) is None
     assert cp.launches == []
+
+
+# -- the whole-step ops: two launches each, the generic composition's results -------------------
+
+
+def _np(a):
+    return None if a is None else np.asarray(a).view(np.ndarray)
+
+
+def _ops(kc):
+    """The pass ops as the registry binds them for the CuPy backend (the fake's arrays are
+    NumPy arrays, so array-api-compat's NumPy namespace stands in for CuPy's)."""
+    return backends.PassOps(**{op: lambda *a, _f=getattr(kc, op), **k: _f(*a, **{**k, "xp": xnp})
+                               for op in backends.PASS_OPS})
+
+
+def _kinds(cp):
+    kinds = [name.rsplit("_", 2)[0] for _, name, _, _ in cp.launches]
+    cp.launches.clear()
+    return kinds
+
+
+STEP_TOL = {"float32": 1e-5, "float64": 1e-10, "float16": 1e-2}
+
+
+@pytest.mark.parametrize(("shape", "axis", "dtype", "affine", "running", "pdt"), [
+    ((3, 2, 4096), 1, "float32", True, True, "float32"),     # ncl, vectors, split
+    ((300, 24), 1, "float32", False, True, "float32"),       # nlc, vectors, split, no affine
+    ((5, 3, 7), 1, "float16", True, True, "float32"),        # 16-bit input, float32 parameters
+    ((64, 5, 5, 3), -1, "float64", True, False, "float32"),  # float64 input, float32 parameters
+    ((2, 3, 1, 1), 1, "float32", True, True, "float64"),     # M == 2, float64 parameters
+])
+def test_step_ops_are_two_launches_with_the_generic_results(fake, shape, axis, dtype, affine,
+                                                            running, pdt):
+    cp, kc = fake
+    rng = np.random.default_rng(20)
+    c, bs = shape[axis], _bs(len(shape), axis)
+    xh = rng.normal(2.0, 3.0, size=shape).astype(dtype)
+    dyh = rng.normal(size=shape).astype(dtype)
+    wh = rng.normal(1.0, 0.3, size=c).astype(pdt) if affine else None
+    bh = rng.normal(size=c).astype(pdt) if affine else None
+    rmh = rng.normal(size=c).astype(pdt) if running else None
+    rvh = rng.uniform(0.5, 2, size=c).astype(pdt) if running else None
+    x, dy = cp.asarray(xh), cp.asarray(dyh)
+    w, b, rm, rv = (None if a is None else cp.asarray(a) for a in (wh, bh, rmh, rvh))
+    ops = _ops(kc)
+    tol = STEP_TOL[dtype]
+
+    y, mean, inv, new_rm, new_rv = kc.batch_norm_forward(x, w, b, rm, rv, axis=axis, eps=1e-4,
+                                                         momentum=0.2, xp=xnp, ops=ops)
+    assert _kinds(cp) == ["xbn_stats_fused", "xbn_scale_shift"]
+    g = functional.batch_norm_forward(xh, wh, bh, rmh, rvh, axis=axis, eps=1e-4, momentum=0.2,
+                                      xp=xnp)
+    for what, got, want in zip(("y", "mean", "inv", "new_rm", "new_rv"),
+                               (y, mean, inv, new_rm, new_rv), g):
+        if want is None:
+            assert got is None, what
+            continue
+        assert isinstance(got, cp.ndarray) and got.dtype == want.dtype, (what, got.dtype)
+        assert _rel(got, want.astype(np.float64)) <= tol, what
+    if running:  # new arrays: the running statistics given are only read
+        assert new_rm is not rm and np.array_equal(_np(rm), rmh) and np.array_equal(_np(rv), rvh)
+    want = ref.forward(xh, axis=axis, weight=wh, bias=bh, eps=1e-4)
+    assert _rel(y, want["y"]) <= max(tol, 1e-5 * 10)
+
+    dx, dgamma, dbeta = kc.batch_norm_backward(dy, x, mean, inv, w, axis=axis, xp=xnp, ops=ops)
+    assert _kinds(cp) == ["xbn_backward_reduce_fused", "xbn_backward_apply"]
+    gdx, gdg, gdb = functional.batch_norm_backward(dyh, xh, _np(mean), _np(inv), wh, axis=axis,
+                                                   xp=xnp)
+    for what, got, want in (("dx", dx, gdx), ("dgamma", dgamma, gdg), ("dbeta", dbeta, gdb)):
+        assert got.dtype == want.dtype, (what, got.dtype, want.dtype)
+        terms = float(np.max(np.abs(want))) or 1.0
+        if what == "dx":  # a difference of terms of the size of dy * k_dy
+            k = _np(inv) * (1.0 if wh is None else wh.astype(_np(inv).dtype))
+            terms = float(np.max(np.abs(dyh.astype(np.float64) * k.reshape(bs))))
+        assert float(np.max(np.abs(_np(got).astype(np.float64) - want))) <= 10 * tol * terms, what
+
+
+def test_eval_mode_backward(fake):
+    """After an eval-mode forward: with parameter gradients, the fused reduction and dx by
+    scale_shift of dy alone; without, the generic composition (one scale_shift launch)."""
+    cp, kc = fake
+    rng = np.random.default_rng(21)
+    shape, c = (6, 4, 11), 4
+    xh, dyh = rng.normal(size=shape).astype(np.float32), rng.normal(size=shape).astype(np.float32)
+    mh = rng.normal(size=c).astype(np.float32)
+    ih = rng.uniform(0.5, 2, size=c).astype(np.float32)
+    wh = rng.normal(size=c).astype(np.float32)
+    x, dy, m, i, w = (cp.asarray(a) for a in (xh, dyh, mh, ih, wh))
+    ops = _ops(kc)
+    for need in (True, False):
+        got = kc.batch_norm_backward(dy, x, m, i, w, axis=1, batch_stats_used=False,
+                                     need_param_grads=need, xp=xnp, ops=ops)
+        want = functional.batch_norm_backward(dyh, xh, mh, ih, wh, axis=1,
+                                              batch_stats_used=False, need_param_grads=need,
+                                              xp=xnp)
+        kinds = _kinds(cp)
+        if need:
+            assert kinds == ["xbn_backward_reduce_fused", "xbn_scale_shift"]
+            # dx = dy * (weight * inv): the same product, the same kernel, the same bits
+            assert np.array_equal(_np(got[0]), want[0])
+            for g, v in zip(got[1:], want[1:]):  # sums in another order: a few ulp apart
+                assert g.dtype == v.dtype and _rel(g, v.astype(np.float64)) <= 1e-5
+        else:
+            assert kinds == ["xbn_scale_shift"] and got[1] is None and got[2] is None
+            assert np.array_equal(_np(got[0]), want[0])
+
+
+def test_step_ops_constant_channels_give_exactly_the_bias(fake):
+    cp, kc = fake
+    rng = np.random.default_rng(22)
+    xh = rng.normal(size=(5, 4, 9)).astype(np.float32)
+    xh[:, 1] = np.float32(0.1)
+    xh[:, 3] = np.float32(-1234.567)
+    x = cp.asarray(xh)
+    bh = np.array([0.5, -0.25, 3.0, 1e-3], np.float32)
+    y, mean, inv, _, _ = kc.batch_norm_forward(x, cp.asarray(np.full(4, 2.0, np.float32)),
+                                               cp.asarray(bh), None, None, axis=1, xp=xnp,
+                                               ops=_ops(kc))
+    assert np.all(_np(y)[:, 1] == bh[1]) and np.all(_np(y)[:, 3] == bh[3])
+    assert _np(mean)[1] == np.float32(0.1) and _np(mean)[3] == np.float32(-1234.567)
+
+
+def test_step_ops_fall_back_to_the_generic_composition(fake):
+    cp, kc = fake
+    rng = np.random.default_rng(23)
+    xh = rng.normal(size=(6, 4, 10)).astype(np.float32)
+    x = cp.asarray(xh)
+    ops = _ops(kc)
+    w32, b32 = cp.ones(4, np.float32), cp.zeros(4, np.float32)
+    rm64, rv64 = cp.zeros(4, np.float64), cp.ones(4, np.float64)
+    cases = {
+        "strided input": (x[:, :, ::2], w32, b32, None, None),
+        "parameters of two dtypes": (x, w32, b32, rm64, rv64),
+        "a weight that is not an array of the backend": (x, np.ones(4, np.float32), b32, None, None),
+        "an integer weight": (x, cp.ones(4, np.int32), b32, None, None),
+        "a weight of the wrong length": (x, cp.ones(3, np.float32), None, None, None),
+    }
+    for what, args in cases.items():
+        try:
+            want = functional.batch_norm_forward(*(_np(a) for a in args), axis=1, xp=xnp)
+        except ValueError:  # the generic path's own error, which the fast path must give too
+            with pytest.raises(ValueError):
+                kc.batch_norm_forward(*args, axis=1, xp=xnp, ops=ops)
+            continue
+        got = kc.batch_norm_forward(*args, axis=1, xp=xnp, ops=ops)
+        # The pass kernels may run (the fake's where() returns plain NumPy arrays, which they
+        # decline), the fused one must not.
+        assert "xbn_stats_fused" not in _kinds(cp), what
+        for g, v in zip(got, want):
+            assert (g is None) == (v is None), what
+            if v is not None:
+                assert g.dtype == v.dtype and _rel(g, v.astype(np.float64)) <= 1e-5, what
+    # backward: a mean of another dtype than the accumulator
+    m64 = cp.zeros(4, np.float64)
+    dx, dg, db = kc.batch_norm_backward(x, x, m64, cp.ones(4, np.float64), w32, axis=1, xp=xnp,
+                                        ops=ops)
+    assert "xbn_backward_reduce_fused" not in _kinds(cp)
+    assert dx.dtype == np.float32 and dg.dtype == np.float64

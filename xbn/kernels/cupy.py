@@ -1,4 +1,5 @@
-"""Hand-written CUDA kernels for the four batch-norm ops, registered for the ``"cupy"`` backend.
+"""Hand-written CUDA kernels for batch norm, registered for the ``"cupy"`` backend: the four
+pass ops and the two whole-step ops of :mod:`xbn.backends`.
 
 The CUDA C sources (``bn_stats.cu``, ``bn_backward_reduce.cu``, ``bn_elementwise.cu`` and their
 header ``xbn_common.cuh``) ship as package data and are compiled with NVRTC through
@@ -37,7 +38,20 @@ to zero. The same inputs give bitwise the same outputs on every run. The zeroed 
 one small buffer per (device, stream), reused by every launch on that stream; the partials come
 from CuPy's memory pool per call.
 
-The four registered functions have the signatures of their :mod:`xbn.functional` counterparts.
+Whole steps: a training forward (``batch_norm_forward``) is two launches, the statistics
+kernel whose last block per channel goes on with the per-channel work (invstd, the scale and
+shift of y = x * scale + shift with the var == 0 rule, the new running statistics), then
+scale_shift; a backward (``batch_norm_backward``) is two launches too, the backward reduction
+whose last block computes dgamma, dbeta and dx's coefficients, then backward_apply (or
+scale_shift of dy alone after an eval-mode forward). The generic composition in
+:mod:`xbn.functional` spends about thirty small CuPy operations on that per-channel work, each
+a kernel launch with microseconds of CPU overhead; the fused epilogues compute the same
+formulas in the same order, each operation correctly rounded, so the two agree to the rounding
+of the statistics. Parameters and running statistics (float32 or float64, the layer's dtype)
+may differ from the accumulator dtype; all that are given must share one dtype, else the
+generic composition runs.
+
+The registered functions have the signatures of their :mod:`xbn.functional` counterparts.
 The ``launch_*`` functions underneath take an optional ``out=`` (the tests pass NaN-filled
 outputs to catch unwritten elements) and return None when the kernels do not take the input.
 
@@ -73,6 +87,10 @@ __all__ = [
     "launch_scale_shift",
     "launch_backward_reduce",
     "launch_backward_apply",
+    "batch_norm_forward",
+    "batch_norm_backward",
+    "launch_forward_stats",
+    "launch_backward_coefficients",
     "route",
 ]
 
@@ -194,6 +212,27 @@ def _channel_vector(v: Array, x: Array, c: int, acc: str) -> Array | None:
     return v if v.flags.c_contiguous else _cupy().ascontiguousarray(v)
 
 
+#: dtypes the fused kernels read parameters and running statistics in (FLAG_PARAMS_F64).
+_PARAM_DTYPES = ("float32", "float64")
+
+
+def _param_vectors(x: Array, c: int, *vectors: Array | None) -> tuple[list[Array | None], str] | None:
+    """The given (not None) vectors as contiguous (C,) arrays on x's device, and their common
+    dtype name ("float32" or "float64"); None if any is something else or they differ."""
+    given = [v for v in vectors if v is not None]
+    dtype = given[0].dtype.name if given else "float32"
+    if dtype not in _PARAM_DTYPES:
+        return None
+    out: list[Array | None] = []
+    for v in vectors:
+        if v is not None:
+            v = _channel_vector(v, x, c, dtype)
+            if v is None:
+                return None
+        out.append(v)
+    return out, dtype
+
+
 def _output(out: Array | None, x: Array, shape: tuple[int, ...], dtype: Any) -> Array:
     cupy = _cupy()
     if out is None:
@@ -225,10 +264,20 @@ def _plan(op: str, layout: _launch.Layout, key: str, vec: int, device_id: int) -
     )
 
 
+def _scalar(a: Any) -> Any:
+    # Every int argument of the kernels is a C int, every float one a double; CuPy passes NumPy
+    # scalars by value in their own dtype.
+    if isinstance(a, (bool, int, np.integer)):
+        return np.int32(a)
+    if isinstance(a, (float, np.floating)):
+        return np.float64(a)
+    return a
+
+
 def _run(op: str, key: str, plan: _launch.LaunchPlan, values: dict[str, Any], device_id: int) -> None:
     args = _launch.arguments(op, plan, values)
     fn = _function(_launch.SOURCE_OF[op], key, plan.kernel, device_id)
-    fn(plan.grid, plan.block, tuple(np.int32(a) if isinstance(a, int) else a for a in args))
+    fn(plan.grid, plan.block, tuple(_scalar(a) for a in args))
 
 
 # -- kernel entry points (None: not taken, use the generic path) --------------------------------
@@ -240,7 +289,6 @@ def launch_batch_stats(x: Array, *, axis: int, out: tuple[Array, Array] | None =
     if taken is None:
         return None
     layout, key = taken
-    cupy = _cupy()
     acc = _launch.accumulator_dtype(x.dtype.name)
     c = layout.channels
     with x.device:
@@ -249,16 +297,8 @@ def launch_batch_stats(x: Array, *, axis: int, out: tuple[Array, Array] | None =
         var = _output(None if out is None else out[1], x, (c,), acc)
         vec = _launch.vector_width(layout, x.itemsize, (x.data.ptr,))
         plan = _plan("stats", layout, key, vec, dev)
-        if plan.parts > 1:
-            ws = cupy.empty(2 * plan.workspace, dtype=acc)
-            ws_n = cupy.empty(plan.workspace, dtype=cupy.int32)
-            counters = _counters(plan.counters, dev)
-            ws_mean, ws_m2 = ws[: plan.workspace], ws[plan.workspace:]
-        else:  # no grid reduction: the kernel never touches the workspace pointers
-            counters = _counters(1, dev)
-            ws_mean, ws_m2, ws_n = mean, var, counters
-        _run("stats", key, plan, {"x": x, "mean": mean, "var": var, "ws_a": ws_mean,
-                                  "ws_b": ws_m2, "ws_n": ws_n, "counters": counters}, dev)
+        _run("stats", key, plan, {"x": x, "mean": mean, "var": var,
+                                  **_workspace(plan, acc, (mean, var), dev, counts=True)}, dev)
     return mean, var
 
 
@@ -270,7 +310,6 @@ def launch_backward_reduce(
     if taken is None or not _same_array_kind(dy, x):
         return None
     layout, key = taken
-    cupy = _cupy()
     acc = _launch.accumulator_dtype(x.dtype.name)
     c = layout.channels
     mean = _channel_vector(mean, x, c, acc)
@@ -282,16 +321,9 @@ def launch_backward_reduce(
         sum_dy_xmu = _output(None if out is None else out[1], x, (c,), acc)
         vec = _launch.vector_width(layout, x.itemsize, (x.data.ptr, dy.data.ptr))
         plan = _plan("backward_reduce", layout, key, vec, dev)
-        if plan.parts > 1:
-            ws = cupy.empty(2 * plan.workspace, dtype=acc)
-            counters = _counters(plan.counters, dev)
-            ws_dy, ws_dy_xmu = ws[: plan.workspace], ws[plan.workspace:]
-        else:
-            counters = _counters(1, dev)
-            ws_dy, ws_dy_xmu = sum_dy, sum_dy_xmu
         _run("backward_reduce", key, plan, {
             "dy": dy, "x": x, "mean": mean, "sum_dy": sum_dy, "sum_dy_xmu": sum_dy_xmu,
-            "ws_a": ws_dy, "ws_b": ws_dy_xmu, "counters": counters}, dev)
+            **_workspace(plan, acc, (sum_dy, sum_dy_xmu), dev, counts=False)}, dev)
     return sum_dy, sum_dy_xmu
 
 
@@ -350,6 +382,119 @@ def launch_backward_apply(
     return dx
 
 
+def _workspace(plan: _launch.LaunchPlan, acc: str, placeholders: tuple[Array, Array], dev: int,
+               *, counts: bool) -> dict[str, Any]:
+    """A reduction's partials and counters; with one part, placeholders the kernel never touches."""
+    cupy = _cupy()
+    if plan.parts > 1:
+        ws = cupy.empty(2 * plan.workspace, dtype=acc)
+        counters = _counters(plan.counters, dev)
+        values = {"ws_a": ws[: plan.workspace], "ws_b": ws[plan.workspace:], "counters": counters}
+        if counts:
+            values["ws_n"] = cupy.empty(plan.workspace, dtype=cupy.int32)
+        return values
+    counters = _counters(1, dev)
+    values = {"ws_a": placeholders[0], "ws_b": placeholders[1], "counters": counters}
+    if counts:
+        values["ws_n"] = counters
+    return values
+
+
+def launch_forward_stats(
+    x: Array, weight: Array | None, bias: Array | None, running_mean: Array | None,
+    running_var: Array | None, *, axis: int, eps: float, momentum: float,
+    out: tuple[Array | None, ...] | None = None,
+) -> tuple[Array, Array, Array, Array, Array | None, Array | None] | None:
+    """The statistics kernel with the forward's per-channel work in its last block:
+    (mean, invstd, scale, shift, new_running_mean, new_running_var), the last two None without
+    running statistics; or None if the kernels do not take these inputs.
+
+    scale and shift are y = x * scale + shift (xbn.functional.scale_shift_coefficients with the
+    batch variance); the new running statistics are new arrays in the parameters' dtype (the
+    given ones are only read). ``out``: six arrays (None for absent running statistics).
+    """
+    taken = _input(x, axis)
+    if taken is None:
+        return None
+    layout, key = taken
+    c = layout.channels
+    running = running_mean is not None and running_var is not None
+    params = _param_vectors(x, c, weight, bias, *((running_mean, running_var) if running else ()))
+    if params is None:
+        return None
+    vectors, pdt = params
+    weight, bias = vectors[0], vectors[1]
+    if running:
+        running_mean, running_var = vectors[2], vectors[3]
+        count = layout.count
+        unbias = count / (count - 1)  # ZeroDivisionError for M == 1, as the generic path
+        keep, m = 1.0 - momentum, momentum
+    else:
+        unbias = keep = m = 0.0
+    acc = _launch.accumulator_dtype(x.dtype.name)
+    outs = (None,) * 6 if out is None else tuple(out)
+    with x.device:
+        dev = x.device.id
+        mean, inv, scale, shift = (_output(outs[i], x, (c,), acc) for i in range(4))
+        new_mean = _output(outs[4], x, (c,), pdt) if running else None
+        new_var = _output(outs[5], x, (c,), pdt) if running else None
+        vec = _launch.vector_width(layout, x.itemsize, (x.data.ptr,))
+        plan = _plan("stats_fused", layout, key, vec, dev)
+        flags = ((_launch.FLAG_HAS_WEIGHT if weight is not None else 0)
+                 | (_launch.FLAG_HAS_BIAS if bias is not None else 0)
+                 | (_launch.FLAG_HAS_RUNNING if running else 0)
+                 | (_launch.FLAG_PARAMS_F64 if pdt == "float64" else 0))
+        # Absent vectors: the flags keep the kernel off them; an output stands in for the pointer.
+        _run("stats_fused", key, plan, {
+            "x": x, "mean": mean, "inv": inv, "scale": scale, "shift": shift,
+            "weight": mean if weight is None else weight, "bias": mean if bias is None else bias,
+            "running_mean": running_mean if running else mean,
+            "running_var": running_var if running else mean,
+            "new_running_mean": new_mean if running else mean,
+            "new_running_var": new_var if running else mean,
+            **_workspace(plan, acc, (mean, inv), dev, counts=True),
+            "eps": float(eps), "keep": float(keep), "momentum": float(m), "unbias": float(unbias),
+            "flags": flags}, dev)
+    return mean, inv, scale, shift, new_mean, new_var
+
+
+def launch_backward_coefficients(
+    dy: Array, x: Array, mean: Array, inv: Array, weight: Array | None, *, axis: int,
+    out: tuple[Array, ...] | None = None,
+) -> tuple[Array, Array, Array, Array, Array] | None:
+    """The backward reduction with the backward's per-channel work in its last block:
+    (dgamma, dbeta, k_dy, k_xmu, k_const) with dgamma = sum(dy * (x - mean)) * inv,
+    dbeta = sum(dy) and dx = dy * k_dy + (x - mean) * k_xmu + k_const
+    (xbn.functional.backward_coefficients); or None if the kernels do not take these inputs.
+    ``out``: five arrays.
+    """
+    taken = _input(x, axis)
+    if taken is None or not _same_array_kind(dy, x):
+        return None
+    layout, key = taken
+    acc = _launch.accumulator_dtype(x.dtype.name)
+    c = layout.channels
+    mean, inv = _channel_vector(mean, x, c, acc), _channel_vector(inv, x, c, acc)
+    params = _param_vectors(x, c, weight)
+    if mean is None or inv is None or params is None:
+        return None
+    (weight,), pdt = params
+    outs = (None,) * 5 if out is None else tuple(out)
+    with x.device:
+        dev = x.device.id
+        dgamma, dbeta, k_dy, k_xmu, k_const = (_output(o, x, (c,), acc) for o in outs)
+        vec = _launch.vector_width(layout, x.itemsize, (x.data.ptr, dy.data.ptr))
+        plan = _plan("backward_reduce_fused", layout, key, vec, dev)
+        flags = ((_launch.FLAG_HAS_WEIGHT if weight is not None else 0)
+                 | (_launch.FLAG_PARAMS_F64 if pdt == "float64" else 0))
+        _run("backward_reduce_fused", key, plan, {
+            "dy": dy, "x": x, "mean": mean, "inv": inv,
+            "weight": inv if weight is None else weight, "dgamma": dgamma, "dbeta": dbeta,
+            "k_dy": k_dy, "k_xmu": k_xmu, "k_const": k_const,
+            **_workspace(plan, acc, (dgamma, dbeta), dev, counts=False), "flags": flags}, dev)
+    return dgamma, dbeta, k_dy, k_xmu, k_const
+
+
 # -- the registered fast paths: exactly the signatures of xbn.functional ------------------------
 
 
@@ -394,3 +539,66 @@ def backward_apply(
     if result is None:
         return functional.backward_apply(dy, x, mean, k_dy, k_xmu, k_const, axis=axis, xp=xp)
     return result
+
+
+@register_kernel("cupy", "batch_norm_forward")
+def batch_norm_forward(
+    x: Array,
+    weight: Array | None,
+    bias: Array | None,
+    running_mean: Array | None,
+    running_var: Array | None,
+    /,
+    *,
+    axis: int,
+    eps: float = 1e-5,
+    momentum: float = 0.1,
+    xp: ModuleType | None = None,
+    ops: Any = None,
+) -> tuple[Array, Array, Array, Array | None, Array | None]:
+    """:func:`xbn.functional.batch_norm_forward` in two launches: the fused statistics, then
+    scale_shift."""
+    fused = launch_forward_stats(x, weight, bias, running_mean, running_var, axis=axis, eps=eps,
+                                 momentum=momentum)
+    if fused is None:  # layout, dtype or parameters the kernels do not take
+        return functional.batch_norm_forward(x, weight, bias, running_mean, running_var,
+                                             axis=axis, eps=eps, momentum=momentum, xp=xp, ops=ops)
+    mean, inv, scale, shift, new_mean, new_var = fused
+    # scale and shift have the accumulator dtype on x's device: the kernel takes what the
+    # statistics kernel took.
+    y = launch_scale_shift(x, scale, shift, axis=axis)
+    return y, mean, inv, new_mean, new_var
+
+
+@register_kernel("cupy", "batch_norm_backward")
+def batch_norm_backward(
+    dy: Array,
+    x: Array,
+    mean: Array,
+    inv: Array,
+    weight: Array | None,
+    /,
+    *,
+    axis: int,
+    batch_stats_used: bool = True,
+    need_param_grads: bool = True,
+    xp: ModuleType | None = None,
+    ops: Any = None,
+) -> tuple[Array, Array | None, Array | None]:
+    """:func:`xbn.functional.batch_norm_backward` in two launches: the fused reduction, then
+    backward_apply (or, after an eval-mode forward, scale_shift of dy by k_dy)."""
+    # Eval mode without parameter gradients needs no reduction: dx = dy * (weight * inv) is the
+    # generic path's one small product and one scale_shift launch already.
+    if batch_stats_used or need_param_grads:
+        fused = launch_backward_coefficients(dy, x, mean, inv, weight, axis=axis)
+        if fused is not None:
+            dgamma, dbeta, k_dy, k_xmu, k_const = fused
+            if batch_stats_used:
+                dx = launch_backward_apply(dy, x, mean, k_dy, k_xmu, k_const, axis=axis)
+            else:  # mean and inv were constants: dx = dy * k_dy, without reading x again
+                dx = launch_scale_shift(dy, k_dy, None, axis=axis)
+            return dx, dgamma, dbeta
+    return functional.batch_norm_backward(
+        dy, x, mean, inv, weight, axis=axis, batch_stats_used=batch_stats_used,
+        need_param_grads=need_param_grads, xp=xp, ops=ops,
+    )
