@@ -6,18 +6,25 @@ both layouts, over shapes with C = 1, C = 3, S = 1, S = 7, prime sizes, large C 
 spatial and tiny C with large spatial: results against a float64 reference; every output
 element written (outputs start as NaN); no access outside any buffer; every thread at every
 barrier; the grid reduction bitwise identical whichever block finishes last; counters left at
-zero; the scalar and vector paths in agreement. What this cannot check is the GPU itself
-(memory model, real concurrency, speed): tests/test_kernels_cupy.py and ci/gpu_tier.sh do.
+zero; the scalar and vector paths in agreement. The fused reductions of the whole-step ops:
+their per-channel epilogues bit for bit the formulas of xbn.functional applied to the plain
+kernels' statistics and sums, and a float64 reference, for every dtype, both layouts, with and
+without weight and running statistics, float32 and float64 parameters, M == 2; constant
+channels giving exactly the bias. What this cannot check is the GPU itself (memory model, real
+concurrency, speed, NVRTC's arithmetic): tests/test_kernels_cupy.py and ci/gpu_tier.sh do.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import array_api_compat.numpy as xnp
 import numpy as np
 import pytest
 
 import host_kernels as hk
+import reference as ref
+from xbn import functional as F
 from xbn.kernels import _launch as L
 
 pytestmark = pytest.mark.skipif(
@@ -206,3 +213,143 @@ def test_eight_byte_vectors(shape, axis, dtype, width):
     y, plan = hk.scale_shift(x, k, k, dtype, axis=axis)
     assert plan.kernel.endswith(f"_v{width}")
     assert _rel(hk.from_storage(y, dtype), xv * k64 + k64) <= OUTPUT_TOL[dtype]
+
+
+# -- the fused reductions of the whole-step ops -------------------------------------------------
+
+# (shape, axis): split ncl with scalar loads, split nlc with vectors, C == 1 with 8-byte
+# vectors, and M == 2 in both layouts.
+FUSED_SHAPES = [((40, 6, 33), 1), ((300, 24), 1), ((2, 1, 5, 7), 1), ((2, 5), 1), ((1, 3, 2), 1)]
+#: (weight and bias, running statistics, parameter dtype): every dtype and every shape meets
+#: each of these, rotated, instead of the whole cross product (which the emulator runs slowly).
+FUSED_VARIANTS = [(True, True, "float32"), (False, False, "float32"), (True, True, "float64"),
+                  (False, True, "float64")]
+
+
+def _variant(shape_index: int, dtype: str):
+    return FUSED_VARIANTS[(shape_index + DTYPES.index(dtype)) % len(FUSED_VARIANTS)]
+
+
+def _same_bits(got: np.ndarray, expect: np.ndarray, what: str) -> None:
+    expect = np.asarray(expect)
+    assert got.dtype == expect.dtype, (what, got.dtype, expect.dtype)
+    assert got.tobytes() == expect.tobytes(), (
+        f"{what}: not the generic formula's result bit for bit; max difference "
+        f"{np.max(np.abs(got.astype(np.float64) - expect.astype(np.float64))):.3e}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index", range(len(FUSED_SHAPES)),
+                         ids=[f"{s}-ax{a}" for s, a in FUSED_SHAPES])
+def test_fused_epilogues_are_the_generic_formulas(index, dtype):
+    """The fused kernels' per-channel results equal xbn.functional's formulas applied to the
+    plain kernels' statistics and sums, bit for bit (the reductions are the same code and the
+    epilogues round every operation as the array operations do), and a float64 reference to
+    the dtype's tolerance."""
+    shape, axis = FUSED_SHAPES[index]
+    affine, running, pdt = _variant(index, dtype)
+    acc = np.dtype(L.accumulator_dtype(dtype))
+    c, axes, bs = shape[axis], _axes(len(shape), axis), _bshape(len(shape), axis)
+    m_count = int(np.prod(shape)) // c
+    x, xv = _data(shape, dtype, 11, loc=3.0)
+    dy, dyv = _data(shape, dtype, 12, loc=0.0, scale=1.0)
+    rng = np.random.default_rng(13)
+    w = rng.normal(1.0, 0.5, size=c).astype(pdt) if affine else None
+    b = rng.normal(size=c).astype(pdt) if affine else None
+    rm = rng.normal(size=c).astype(pdt) if running else None
+    rv = rng.uniform(0.5, 2.0, size=c).astype(pdt) if running else None
+    eps, momentum = 1e-3, 0.3
+
+    fwd, plan = hk.forward_stats(x, w, b, rm, rv, dtype, axis=axis, eps=eps, momentum=momentum,
+                                 param_dtype=pdt, seed=5)
+    mean, var, plain = hk.batch_stats(x, dtype, axis=axis, seed=5)
+    assert (plan.grid, plan.block, plan.args) == (plain.grid, plain.block, plain.args)
+    inv = F.invstd(var, eps=eps, xp=xnp)
+    scale, shift = F.scale_shift_coefficients(mean, inv, w, b, var=var, xp=xnp)
+    _same_bits(fwd["mean"], mean, "mean")
+    _same_bits(fwd["inv"], inv, "invstd")
+    _same_bits(fwd["scale"], scale, "scale")
+    _same_bits(fwd["shift"], shift, "shift")
+    if running:
+        new_rm, new_rv = F.updated_running_stats(rm, rv, mean, var, count=m_count,
+                                                 momentum=momentum, xp=xnp)
+        _same_bits(fwd["new_running_mean"], new_rm, "new running mean")
+        _same_bits(fwd["new_running_var"], new_rv, "new running var")
+        rm64, rv64, _ = ref.update_running(rm, rv, xv, axis=axis, momentum=momentum)
+        rounding = 5e-7 if pdt == "float32" else 0.0  # the update runs in the parameters' dtype
+        assert _rel(fwd["new_running_mean"], rm64) <= 4 * REDUCE_TOL[dtype] + rounding
+        assert _rel(fwd["new_running_var"], rv64) <= 4 * REDUCE_TOL[dtype] + rounding
+    else:
+        assert fwd["new_running_mean"] is None and fwd["new_running_var"] is None
+    want = ref.forward(xv, axis=axis, weight=w, bias=b, eps=eps)
+    assert _rel(fwd["mean"], want["mean"]) <= REDUCE_TOL[dtype]
+    assert _rel(fwd["inv"], want["invstd"]) <= 4 * REDUCE_TOL[dtype]
+    y, _ = hk.scale_shift(x, fwd["scale"], fwd["shift"], dtype, axis=axis)
+    assert _rel(hk.from_storage(y, dtype), want["y"]) <= 4 * OUTPUT_TOL[dtype]
+
+    bwd, plan = hk.backward_coefficients(dy, x, fwd["mean"], fwd["inv"], w, dtype, axis=axis,
+                                         param_dtype=pdt, seed=6)
+    s_dy, s_dy_xmu, plain = hk.backward_reduce(dy, x, fwd["mean"], dtype, axis=axis, seed=6)
+    assert (plan.grid, plan.block, plan.args) == (plain.grid, plain.block, plain.args)
+    k_dy, k_xmu, k_const = F.backward_coefficients(s_dy, s_dy_xmu, fwd["inv"], w,
+                                                   count=m_count, xp=xnp)
+    _same_bits(bwd["dgamma"], s_dy_xmu * fwd["inv"], "dgamma")
+    _same_bits(bwd["dbeta"], s_dy, "dbeta")
+    _same_bits(bwd["k_dy"], k_dy, "k_dy")
+    _same_bits(bwd["k_xmu"], k_xmu, "k_xmu")
+    _same_bits(bwd["k_const"], k_const, "k_const")
+    assert bwd["dgamma"].dtype == acc
+    grads = ref.backward(dyv, xv, axis=axis, weight=w, eps=eps)
+    tol = 10 * REDUCE_TOL[dtype] + (1e-4 if dtype in ("float16", "bfloat16") else 0)
+    assert _rel(bwd["dbeta"], grads["dbeta"]) <= tol
+    assert _rel(bwd["dgamma"], grads["dgamma"]) <= tol
+    dx, _ = hk.backward_apply(dy, x, fwd["mean"], bwd["k_dy"], bwd["k_xmu"], bwd["k_const"],
+                              dtype, axis=axis)
+    # dx is a difference of terms of the size of dy * k_dy (tiny for M == 2): errors scale with them
+    terms = float(np.max(np.abs(dyv * bwd["k_dy"].astype(np.float64).reshape(bs))))
+    err = float(np.max(np.abs(hk.from_storage(dx, dtype) - grads["dx"])))
+    assert err <= (4 * OUTPUT_TOL[dtype] + tol) * terms
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "axis"), [((7, 4, 33), 1), ((150, 8), 1)])
+def test_fused_constant_channels_give_exactly_the_bias(shape, axis, dtype):
+    """Channels whose values are all equal (values of no special form) have variance exactly 0,
+    scale 0 and shift exactly the bias, so y is exactly the bias, as in the generic path."""
+    c = shape[axis]
+    x, xv = _data(shape, dtype, 14)
+    consts = hk.to_storage(np.array([0.1, -1.0 / 3.0, 12345.678, -2.5e-3]), dtype)
+    moved = np.moveaxis(x, axis, 0)  # a view: writes go to x
+    for ch in range(0, c, 2):
+        moved[ch] = consts[(ch // 2) % len(consts)]
+    acc = np.dtype(L.accumulator_dtype(dtype))
+    bias = np.linspace(-1.5, 2.5, c).astype(np.float32)
+    fwd, _ = hk.forward_stats(x, np.full(c, 3.0, np.float32), bias, None, None, dtype,
+                              axis=axis, seed=4)
+    const = np.arange(c) % 2 == 0
+    assert np.all(fwd["mean"][const] == hk.from_storage(np.moveaxis(x, axis, 0)[const, ...]
+                                                        .reshape(const.sum(), -1)[:, 0], dtype))
+    assert np.all(fwd["scale"][const] == 0) and np.all(fwd["scale"][~const] != 0)
+    _same_bits(fwd["shift"][const], bias.astype(acc)[const], "shift of constant channels")
+    y, _ = hk.scale_shift(x, fwd["scale"], fwd["shift"], dtype, axis=axis)
+    y_const = np.moveaxis(y, axis, 0)[const]
+    expect = hk.to_storage(bias[const].astype(np.float64), dtype)
+    assert np.array_equal(y_const, np.broadcast_to(expect.reshape(-1, *(1,) * (y.ndim - 1)),
+                                                   y_const.shape))
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((40, 6, 33), 1), ((300, 24), 1)])
+def test_fused_reductions_are_bitwise_reproducible(shape, axis):
+    x, xv = _data(shape, "float32", 15)
+    dy, _ = _data(shape, "float32", 16)
+    c = shape[axis]
+    w, b = np.linspace(0.5, 1.5, c, dtype=np.float32), np.linspace(-1, 1, c, dtype=np.float32)
+    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+    runs = []
+    for seed in (0, 1, 2):
+        fwd, plan = hk.forward_stats(x, w, b, rm, rv, "float32", axis=axis, seed=seed)
+        bwd, plan2 = hk.backward_coefficients(dy, x, fwd["mean"], fwd["inv"], w, "float32",
+                                              axis=axis, seed=seed)
+        assert plan.parts > 1 and plan2.parts > 1, "the case must split channels over blocks"
+        runs.append(b"".join(a.tobytes() for a in (*fwd.values(), *bwd.values())))
+    assert runs[1] == runs[0] and runs[2] == runs[0]
