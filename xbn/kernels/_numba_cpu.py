@@ -10,8 +10,10 @@ The numerics are those of the NumPy passes: each row (a run of one channel's val
 column of a block of rows is a partial, centred on its own rounded mean in a second pass over
 data still in cache, and the partials are merged in float64 by the caller in a fixed order.
 ``reassoc`` lets LLVM vectorize the sums (their order is then fixed by the compiled code, the
-same on every call and for any thread count, since a partial never spans threads); no
-``nnan``/``ninf``, so NaN and inf propagate as in NumPy.
+same on every call, since a partial never spans threads); no ``nnan``/``ninf``, so NaN and inf
+propagate as in NumPy. One thread runs a serial build, more threads a parallel build of the
+same loop body; that the two round alike (results bitwise equal for 1, 2 and 3 threads) is
+checked by tests/test_kernels_numpy.py rather than guaranteed by construction.
 
 :mod:`xbn.kernels.numpy` imports this module on first use; without numba it still imports
 (so that doctest collection and introspection work) with ``AVAILABLE = False``, and the NumPy
@@ -22,6 +24,7 @@ afterwards, next to this file or in numba's user cache directory).
 from __future__ import annotations
 
 import threading
+import types
 from typing import Any, Callable
 
 import numpy as np
@@ -48,7 +51,14 @@ class _Loop:
         self.py = fn
         if nb is not None:  # else never called: xbn.kernels.numpy checks AVAILABLE first
             self.parallel = nb.njit(parallel=True, fastmath=_FAST, cache=True, nogil=True)(fn)
-            self.serial = nb.njit(fastmath=_FAST, cache=True, nogil=True)(fn)
+            # A twin function object under its own name: numba's on-disk cache is keyed by the
+            # function's name and signature, not by parallel=, so two builds of one function
+            # would load each other's machine code (seen: the parallel build running serially).
+            twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                                      fn.__defaults__, fn.__closure__)
+            twin.__qualname__ = fn.__qualname__ + "_serial"
+            twin.__module__ = fn.__module__
+            self.serial = nb.njit(fastmath=_FAST, cache=True, nogil=True)(twin)
 
     def __call__(self, *args: Any) -> Any:
         return (self.parallel if _state().threads > 1 else self.serial)(*args)
