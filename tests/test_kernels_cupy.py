@@ -1,5 +1,8 @@
 """The CUDA kernels on a GPU: parity with the generic CuPy path and a float64 NumPy reference,
-poisoned outputs, bitwise determinism, fallbacks, streams, and the layer on top.
+poisoned outputs, bitwise determinism, fallbacks, streams, and the layer on top. The whole-step
+ops (fused per-channel epilogues): two launches per direction, the generic CuPy path's results
+and dtypes, every output written, bitwise determinism, constant channels giving exactly the
+bias, and BatchNorm2d on the kernels against BatchNorm2d on the generic path.
 
 Skips (with the reason) where CuPy or a usable CUDA device is missing. ci/gpu_tier.sh runs it;
 tests/test_kernels_host.py runs the same kernels on the CPU where there is no GPU.
@@ -282,3 +285,238 @@ def test_layer_matches_generic_backend(layout):
     slow.eval()
     ref.assert_close(_f64(fast(x)), _f64(slow(x)), 1e-5, "eval y")
     ref.assert_close(_f64(fast.backward(dy)), _f64(slow.backward(dy)), 1e-5, "eval dx")
+
+
+# -- the whole-step ops: two launches each, the generic CuPy path's results ---------------------
+
+STEP_SHAPES = [
+    ((16, 3, 32, 32), 1),
+    ((8, 1, 33, 33), 1),          # C = 1
+    ((2, 2, 512, 512), 1),        # tiny C, huge spatial: split reductions
+    ((16, 8, 14, 14), 1),
+    ((64, 2048, 2, 2), 1),        # large C, tiny spatial
+    ((64, 32, 1, 1), 1),          # H*W = 1: channels-last kernels
+    ((4096, 1024), 1),
+    ((8, 16, 16, 64), -1),
+    ((64, 7, 7, 3), -1),
+    ((2, 5), 1),                  # M = 2
+    ((1, 4, 1, 10007), 1),        # prime N*H*W
+]
+STEP_IDS = [f"{s}-ax{a}" for s, a in STEP_SHAPES]
+#: (weight and bias, running statistics, parameter dtype)
+VARIANTS = [(True, True, "float32"), (False, False, "float32"), (True, True, "float64"),
+            (True, False, "float32")]
+
+
+def _params(c, affine, running, pdt, seed):
+    rng = np.random.default_rng(seed)
+    w = cupy.asarray(rng.normal(1.0, 0.5, size=c).astype(pdt)) if affine else None
+    b = cupy.asarray(rng.normal(size=c).astype(pdt)) if affine else None
+    rm = cupy.asarray(rng.normal(size=c).astype(pdt)) if running else None
+    rv = cupy.asarray(rng.uniform(0.5, 2.0, size=c).astype(pdt)) if running else None
+    return w, b, rm, rv
+
+
+def _h(a):
+    return None if a is None else _f64(a)
+
+
+class _Launches:
+    """Counts the kernel launches of xbn.kernels.cupy (every launch goes through _run)."""
+
+    def __init__(self, monkeypatch):
+        self.names: list[str] = []
+        real = kc._run
+
+        def run(op, key, plan, values, device_id):
+            self.names.append(op)
+            return real(op, key, plan, values, device_id)
+
+        monkeypatch.setattr(kc, "_run", run)
+
+    def take(self) -> list[str]:
+        names, self.names = self.names, []
+        return names
+
+
+@pytest.mark.parametrize("variant", range(len(VARIANTS)))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "axis"), STEP_SHAPES, ids=STEP_IDS)
+def test_step_ops_match_the_generic_cupy_path(shape, axis, dtype, variant, monkeypatch):
+    affine, running, pdt = VARIANTS[variant]
+    c, bs = shape[axis], _bs(len(shape), axis)
+    x, xh = _make(shape, dtype, 30, loc=2.0)
+    dy, dyh = _make(shape, dtype, 31, loc=0.0, scale=1.0)
+    w, b, rm, rv = _params(c, affine, running, pdt, 32)
+    rm_before, rv_before = _h(rm), _h(rv)
+    launches = _Launches(monkeypatch)
+
+    fast = _CUPY.ops.batch_norm_forward(x, w, b, rm, rv, axis=axis, eps=1e-5, momentum=0.1)
+    assert launches.take() == ["stats_fused", "scale_shift"]
+    slow = _GENERIC.ops.batch_norm_forward(x, w, b, rm, rv, axis=axis, eps=1e-5, momentum=0.1)
+    launches.take()
+    for what, f, s in zip(("y", "mean", "invstd", "running_mean", "running_var"), fast, slow):
+        if s is None:
+            assert f is None, what
+            continue
+        assert f.dtype == s.dtype and f.shape == s.shape, what
+        tol = TOL[dtype] if what == "y" else STATS_TOL[dtype] * 4
+        if what.startswith("running") and pdt == "float32":
+            tol = max(tol, 1e-6)
+        ref.assert_close(_f64(f), _f64(s), tol, f"{what} vs generic")
+    if running:  # the given running statistics are read, never written
+        assert np.array_equal(_h(rm), rm_before) and np.array_equal(_h(rv), rv_before)
+    want = ref.forward(xh, axis=axis, weight=_h(w), bias=_h(b))
+    ref.assert_close(_f64(fast[0]), want["y"], TOL[dtype], "y vs float64")
+    ref.assert_close(_f64(fast[1]), want["mean"], STATS_TOL[dtype], "mean vs float64")
+    ref.assert_close(_f64(fast[2]), want["invstd"], STATS_TOL[dtype] * 4, "invstd vs float64")
+
+    y, mean, inv = fast[:3]
+    gf = _CUPY.ops.batch_norm_backward(dy, x, mean, inv, w, axis=axis)
+    assert launches.take() == ["backward_reduce_fused", "backward_apply"]
+    gs = _GENERIC.ops.batch_norm_backward(dy, x, mean, inv, w, axis=axis)
+    k = _f64(inv) * (1.0 if w is None else _f64(w))
+    terms = float(np.max(np.abs(dyh * k.reshape(bs)))) or 1.0  # dx: a difference of such terms
+    for what, f, s in zip(("dx", "dgamma", "dbeta"), gf, gs):
+        assert f.dtype == s.dtype and f.shape == s.shape, what
+        scale = terms if what == "dx" else (float(np.max(np.abs(_f64(s)))) or 1.0)
+        err = float(np.max(np.abs(_f64(f) - _f64(s)))) / scale
+        assert err <= TOL[dtype] * 10, f"{what} vs generic: {err:.3e}"
+    grads = ref.backward(dyh, xh, axis=axis, weight=_h(w))
+    ref.assert_close(_f64(gf[2]), grads["dbeta"], STATS_TOL[dtype] * 10 + 1e-6, "dbeta vs float64")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "axis"), [((16, 3, 32, 32), 1), ((300, 24), 1)])
+def test_step_ops_eval_mode_backward(shape, axis, dtype, monkeypatch):
+    c = shape[axis]
+    x, _ = _make(shape, dtype, 33)
+    dy, _ = _make(shape, dtype, 34)
+    w, _, rm, rv = _params(c, True, True, "float32", 35)
+    acc = _acc(dtype)
+    mean = rm.astype(acc)
+    inv = 1.0 / cupy.sqrt(rv.astype(acc) + 1e-5)
+    launches = _Launches(monkeypatch)
+    for need in (True, False):
+        f = _CUPY.ops.batch_norm_backward(dy, x, mean, inv, w, axis=axis, batch_stats_used=False,
+                                          need_param_grads=need)
+        names = launches.take()
+        s = _GENERIC.ops.batch_norm_backward(dy, x, mean, inv, w, axis=axis,
+                                             batch_stats_used=False, need_param_grads=need)
+        launches.take()
+        assert names == (["backward_reduce_fused", "scale_shift"] if need else ["scale_shift"])
+        # dx = dy * (weight * inv) on both paths, rounded once to the input's dtype
+        assert f[0].dtype == s[0].dtype
+        ref.assert_close(_f64(f[0]), _f64(s[0]), TOL[dtype], "eval-mode dx")
+        for a, b_ in zip(f[1:], s[1:]):
+            assert (a is None) == (b_ is None)
+            if a is not None:
+                assert a.dtype == b_.dtype
+                ref.assert_close(_f64(a), _f64(b_), STATS_TOL[dtype] * 10, "eval-mode grads")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "axis"), [((4, 3, 257, 259), 1), ((8, 64), 1), ((65536, 64), 1),
+                                             ((2, 5, 3), -1)])
+def test_fused_kernels_write_every_output(shape, axis, dtype):
+    c = shape[axis]
+    x, _ = _make(shape, dtype, 36)
+    dy, _ = _make(shape, dtype, 37)
+    acc = _acc(dtype)
+    for pdt in ("float32", "float64"):
+        w, b, rm, rv = _params(c, True, True, pdt, 38)
+        out = tuple(_nan((c,), acc) for _ in range(4)) + tuple(_nan((c,), pdt) for _ in range(2))
+        got = kc.launch_forward_stats(x, w, b, rm, rv, axis=axis, eps=1e-5, momentum=0.1, out=out)
+        assert got is not None and all(g is o for g, o in zip(got, out))
+        assert all(bool(cupy.isfinite(g).all()) for g in got)
+        outb = tuple(_nan((c,), acc) for _ in range(5))
+        gotb = kc.launch_backward_coefficients(dy, x, got[0], got[1], w, axis=axis, out=outb)
+        assert gotb is not None and all(g is o for g, o in zip(gotb, outb))
+        assert all(bool(cupy.isfinite(g).all()) for g in gotb)
+    # without weight, bias or running statistics nothing else is touched
+    out = tuple(_nan((c,), acc) for _ in range(4)) + (None, None)
+    got = kc.launch_forward_stats(x, None, None, None, None, axis=axis, eps=1e-5, momentum=0.1,
+                                  out=out)
+    assert got[4] is None and got[5] is None and all(bool(cupy.isfinite(g).all()) for g in got[:4])
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((2, 3, 1024, 1024), 1), ((65536, 64), 1),
+                                             ((32, 64, 56, 56), 1)])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_step_ops_bitwise_deterministic(shape, axis, dtype):
+    c = shape[axis]
+    x, _ = _make(shape, dtype, 39)
+    dy, _ = _make(shape, dtype, 40)
+    w, b, rm, rv = _params(c, True, True, "float32", 41)
+    first = None
+    for _ in range(10):
+        fwd = _CUPY.ops.batch_norm_forward(x, w, b, rm, rv, axis=axis)
+        bwd = _CUPY.ops.batch_norm_backward(dy, x, fwd[1], fwd[2], w, axis=axis)
+        blob = b"".join(cupy.asnumpy(a).tobytes() for a in (*fwd, *bwd))
+        first = blob if first is None else first
+        assert blob == first, "results differ between runs"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_step_forward_constant_channels_give_exactly_the_bias(dtype):
+    x, _ = _make((8, 4, 13, 11), dtype, 42)
+    for ch, v in ((0, 0.1), (2, -1234.567)):
+        x[:, ch] = cupy.asarray(np.float32(v)).astype(x.dtype)
+    w, b, rm, rv = _params(4, True, True, "float32", 43)
+    y, mean, inv, _, _ = _CUPY.ops.batch_norm_forward(x, w, b, rm, rv, axis=1)
+    expect = b.astype(x.dtype)
+    for ch in (0, 2):
+        assert bool((y[:, ch] == expect[ch]).all()), f"channel {ch}"
+        assert bool(mean[ch] == x[0, ch, 0, 0].astype(mean.dtype))
+
+
+def test_layer_training_step_is_four_launches(monkeypatch):
+    import xbn
+
+    bn = xbn.BatchNorm2d(16, backend=_CUPY)
+    x, _ = _make((8, 16, 12, 12), "float32", 44)
+    dy, _ = _make((8, 16, 12, 12), "float32", 45)
+    launches = _Launches(monkeypatch)
+    bn.zero_grad()
+    bn(x)
+    assert launches.take() == ["stats_fused", "scale_shift"]
+    bn.backward(dy)
+    assert launches.take() == ["backward_reduce_fused", "backward_apply"]
+
+
+@pytest.mark.parametrize(("dtype", "momentum", "affine", "track"), [
+    ("float32", 0.1, True, True), ("float32", None, True, True), ("float32", 0.1, False, True),
+    ("float32", 0.1, True, False), ("float16", 0.1, True, True), ("float64", 0.3, True, True),
+])
+def test_batchnorm2d_steps_match_generic_backend(dtype, momentum, affine, track):
+    import xbn
+
+    kw = dict(momentum=momentum, affine=affine, track_running_stats=track)
+    fast = xbn.BatchNorm2d(24, backend=_CUPY, **kw)
+    slow = xbn.BatchNorm2d(24, backend=_GENERIC, **kw)
+    tol = TOL[dtype]
+    for step in range(3):
+        x, _ = _make((8, 24, 10, 9), dtype, 50 + step, loc=step - 1.0)
+        dy, _ = _make((8, 24, 10, 9), dtype, 60 + step)
+        y_f, y_s = fast(x), slow(x)
+        dx_f, dx_s = fast.backward(dy), slow.backward(dy)  # grads accumulate over the steps
+        assert y_f.dtype == y_s.dtype and dx_f.dtype == dx_s.dtype
+        ref.assert_close(_f64(y_f), _f64(y_s), tol, f"y, step {step}")
+        ref.assert_close(_f64(dx_f), _f64(dx_s), tol * 10, f"dx, step {step}")
+        assert fast.num_batches_tracked == slow.num_batches_tracked
+    for name in ("running_mean", "running_var"):
+        f, s = getattr(fast, name), getattr(slow, name)
+        assert (f is None) == (s is None)
+        if f is not None:
+            assert f.dtype == s.dtype
+            ref.assert_close(_f64(f), _f64(s), 1e-5, name)
+    for p_f, p_s in zip(fast.parameters(), slow.parameters()):
+        assert p_f.grad.dtype == p_s.grad.dtype
+        # float32 gradients of float64 sums: the casts may round a hair apart
+        ref.assert_close(_f64(p_f.grad), _f64(p_s.grad), max(tol * 10, 1e-6), "parameter grad")
+    fast.eval()
+    slow.eval()
+    x, _ = _make((8, 24, 10, 9), dtype, 70)
+    dy, _ = _make((8, 24, 10, 9), dtype, 71)
+    ref.assert_close(_f64(fast(x)), _f64(slow(x)), tol, "eval y")
+    ref.assert_close(_f64(fast.backward(dy)), _f64(slow.backward(dy)), tol, "eval dx")
