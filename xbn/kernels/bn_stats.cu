@@ -33,13 +33,17 @@ __device__ __forceinline__ void xbn_welford_group(const xbn_vec<W> (&buf)[XBN_UN
     }
     const int gn = k * W;
     const acc_t gmean = sum / (acc_t)gn;
+    // Deviations from the group's mean in x's own terms: the converted values need not stay
+    // live between the two loops (16-bit inputs would double their registers), and a constant
+    // group still gives exactly 0 (gmean is 0, centre is first).
+    const acc_t centre = first + gmean;
     acc_t gm2 = 0;
 #pragma unroll
     for (int u = 0; u < XBN_UNROLL; ++u) {
         if (u < k) {
 #pragma unroll
             for (int w = 0; w < W; ++w) {
-                const acc_t d = (xbn_load_acc(buf[u].v[w]) - first) - gmean;
+                const acc_t d = xbn_load_acc(buf[u].v[w]) - centre;
                 gm2 += d * d;
             }
         }
@@ -260,8 +264,12 @@ __device__ __forceinline__ void xbn_stats_nlc(const xbn_t* __restrict__ x,
                     k = u + 1;
                 }
             }
+            // Each channel's group statistics merged right away (xbn_chan_merge_shared's
+            // arithmetic, one channel at a time): no W-wide temporaries stay live.
             const acc_t inv_k = (acc_t)1 / (acc_t)k;
-            acc_t gmean[W], gm2[W];
+            const int total = n + k;
+            const acc_t ratio = (acc_t)k / (acc_t)total;
+            const acc_t cross = (acc_t)n * ratio;
 #pragma unroll
             for (int w = 0; w < W; ++w) {
                 acc_t sum = 0;
@@ -269,18 +277,26 @@ __device__ __forceinline__ void xbn_stats_nlc(const xbn_t* __restrict__ x,
                 for (int u = 0; u < XBN_UNROLL; ++u) {
                     if (u < k) sum += xbn_load_acc(buf[u].v[w]) - first[w];
                 }
-                gmean[w] = sum * inv_k;
-                acc_t sq = 0;
+                const acc_t gmean = sum * inv_k;
+                const acc_t centre = first[w] + gmean;  // as in xbn_welford_group
+                acc_t gm2 = 0;
 #pragma unroll
                 for (int u = 0; u < XBN_UNROLL; ++u) {
                     if (u < k) {
-                        const acc_t d = (xbn_load_acc(buf[u].v[w]) - first[w]) - gmean[w];
-                        sq += d * d;
+                        const acc_t d = xbn_load_acc(buf[u].v[w]) - centre;
+                        gm2 += d * d;
                     }
                 }
-                gm2[w] = sq;
+                if (n == 0) {
+                    mean[w] = gmean;
+                    m2[w] = gm2;
+                } else {
+                    const acc_t delta = gmean - mean[w];
+                    mean[w] += delta * ratio;
+                    m2[w] += gm2 + delta * delta * cross;
+                }
             }
-            xbn_chan_merge_shared<W>(mean, m2, n, gmean, gm2, k);
+            n = total;
         }
     }
 
