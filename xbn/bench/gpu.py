@@ -5,7 +5,8 @@ buffers (rotated so that a tensor never sits in L2 from one repeat to the next),
 CUDA events after a warm-up; medians are reported:
 
 * ``xbn``: ``xbn.BatchNorm`` on the CuPy backend with the kernels, training forward then
-  ``backward`` (y, batch statistics, running statistics, dx, dgamma, dbeta);
+  ``backward`` (y, batch statistics, running statistics, dx, dgamma, dbeta), gradients reset to
+  None before each step as the torch case does (no accumulation launches);
 * ``generic``: the same layer on the generic CuPy path (``resolve("cupy", generic=True)``,
   what ``XBN_FORCE_GENERIC=1`` selects): CuPy reductions and elementwise expressions;
 * ``torch``: ``torch.nn.functional.batch_norm`` forward + ``.backward`` (autograd) on the same
@@ -16,12 +17,14 @@ CUDA events after a warm-up; medians are reported:
 The kernels are also timed alone and reported as achieved bandwidth and as a fraction of the
 device-to-device copy bandwidth measured in the same run (``cudaMemcpy``, read + write bytes):
 ``backward_reduce`` reads x and dy (2S, S = bytes of x), ``batch_stats`` reads x (S),
-``scale_shift`` reads x and writes y (2S), ``backward_apply`` reads x, dy and writes dx (3S).
-The floor of a training step is 8S / copy bandwidth (forward 3S, backward 5S). The sum of
-the four kernels' times is reported beside the layer's step: the difference is what the
-per-channel glue around them costs (invstd, coefficients, running statistics, gradients: about
-thirty small CuPy launches per step in xbn.functional and xbn.layers), i.e. what fusing that glue
-into the kernels could win.
+``scale_shift`` reads x and writes y (2S), ``backward_apply`` reads x, dy and writes dx (3S);
+``stats_fused`` and ``backward_reduce_fused`` are the two reductions with the per-channel
+epilogue of a whole step in their last block (same bytes as their plain twins, so the pair
+shows what the epilogue costs). The floor of a training step is 8S / copy bandwidth (forward
+3S, backward 5S). A training step on the kernels is four launches (stats_fused, scale_shift,
+backward_reduce_fused, backward_apply); the sum of those four kernels' times is reported beside
+the layer's step, and the difference is what the step costs besides them: Python, output
+allocations, launch latency not hidden behind GPU work.
 
 Writes ``gpu.md`` (tables), ``gpu.json`` (raw medians and all samples; GPU name, driver, CUDA,
 CuPy and torch versions) and ``gpu.png`` under ``--out`` (default ``benchmarks/results``).
@@ -65,7 +68,10 @@ EPS = 1e-5
 MOMENTUM = 0.1
 COPY_BYTES = 1 << 30
 #: Bytes each kernel moves, in units of S (the bytes of x).
-KERNEL_BYTES = {"batch_stats": 1, "scale_shift": 2, "backward_reduce": 2, "backward_apply": 3}
+KERNEL_BYTES = {"batch_stats": 1, "scale_shift": 2, "backward_reduce": 2, "backward_apply": 3,
+                "stats_fused": 1, "backward_reduce_fused": 2}
+#: The launches of one training step on the kernels (forward, then backward).
+STEP_KERNELS = ("stats_fused", "scale_shift", "backward_reduce_fused", "backward_apply")
 
 
 def parse_shape(text: str) -> tuple[tuple[int, ...], int, str]:
@@ -179,6 +185,7 @@ def make_cases(shape, axis, dtype, copies, *, with_torch, with_generic):
         raise RuntimeError(f"the CuPy kernels are not registered for {sorted(missing)}")
 
     def xbn_step(i: int, bn=fast) -> None:
+        bn.zero_grad()  # as torch_step: no gradient accumulation in the timed step
         bn.forward(xs[i], training=True)
         bn.backward(dys[i])
 
@@ -187,6 +194,7 @@ def make_cases(shape, axis, dtype, copies, *, with_torch, with_generic):
         slow = xbn.BatchNorm(c, axis=axis, backend=backends.resolve("cupy", generic=True))
 
         def generic_step(i: int, bn=slow) -> None:
+            bn.zero_grad()
             bn.forward(xs[i], training=True)
             bn.backward(dys[i])
 
@@ -243,6 +251,9 @@ def kernel_cases(shape, axis, xs, dys):
     acc = cupy.float64 if xs[0].dtype == cupy.float64 else cupy.float32
     mean = cupy.zeros(c, dtype=acc)
     ones = cupy.ones(c, dtype=acc)
+    # the layer's parameters and buffers: float32, with running statistics
+    w, b = cupy.ones(c, dtype=cupy.float32), cupy.zeros(c, dtype=cupy.float32)
+    rm, rv = cupy.zeros(c, dtype=cupy.float32), cupy.ones(c, dtype=cupy.float32)
     probe = kc.launch_batch_stats(xs[0], axis=axis)
     if probe is None:
         return {}
@@ -252,6 +263,10 @@ def kernel_cases(shape, axis, xs, dys):
         "backward_reduce": lambda i: kc.launch_backward_reduce(dys[i], xs[i], mean, axis=axis),
         "backward_apply": lambda i: kc.launch_backward_apply(
             dys[i], xs[i], mean, ones, ones, mean, axis=axis),
+        "stats_fused": lambda i: kc.launch_forward_stats(
+            xs[i], w, b, rm, rv, axis=axis, eps=EPS, momentum=MOMENTUM),
+        "backward_reduce_fused": lambda i: kc.launch_backward_coefficients(
+            dys[i], xs[i], mean, ones, w, axis=axis),
     }
 
 
@@ -341,7 +356,9 @@ def write_markdown(path: Path, results: list[dict[str, Any]], meta: dict[str, An
         "",
         f"{meta['dtype']}; median of {meta['repeats']} interleaved repeats after "
         f"{meta['warmup']} warm-up, CUDA events, inputs rotated over enough copies to defeat L2. "
-        "Times in ms. step = training forward + backward; floor = 8S / copy bandwidth.",
+        "Times in ms. step = training forward + backward; floor = 8S / copy bandwidth; "
+        "kernels Σ = the step's four launches (" + ", ".join(STEP_KERNELS) + ") timed alone, "
+        "glue = step - kernels Σ (Python, allocations, launch latency).",
         "",
         "## Training step (forward + backward)",
         "",
@@ -363,9 +380,9 @@ def write_markdown(path: Path, results: list[dict[str, Any]], meta: dict[str, An
         "",
         "## Kernels alone: achieved bandwidth (fraction of copy bandwidth)",
         "",
-        "| shape | route | batch_stats (S) | scale_shift (2S) | backward_reduce (2S) | "
-        "backward_apply (3S) |",
-        "|---|---|---:|---:|---:|---:|",
+        "| shape | route | " + " | ".join(f"{k} ({n}S)".replace("(1S)", "(S)")
+                                         for k, n in KERNEL_BYTES.items()) + " |",
+        "|---|---|" + "---:|" * len(KERNEL_BYTES),
     ]
     for r in results:
         cells = []
@@ -409,12 +426,12 @@ def write_plot(path: Path, results: list[dict[str, Any]], bandwidth: float) -> N
     ax1.legend(fontsize=8)
     ax1.grid(axis="y", which="both", alpha=0.3)
     width = 0.2
-    for k, name in enumerate(KERNEL_BYTES):
+    for k, name in enumerate(STEP_KERNELS):  # the launches of a training step
         vals = [(r["kernel_gbs"].get(name) or float("nan")) * 1e9 / bandwidth for r in results]
         ax2.bar(xs + (k - 1.5) * width, vals, width, label=name)
     ax2.axhline(0.85, color="k", lw=1, ls="--", label="0.85 target (backward_reduce)")
     ax2.set_ylabel("achieved / copy bandwidth")
-    ax2.set_title("kernels alone")
+    ax2.set_title("a training step's kernels alone")
     ax2.set_xticks(xs, labels, rotation=35, ha="right", fontsize=7)
     ax2.legend(fontsize=7)
     ax2.grid(axis="y", alpha=0.3)
@@ -533,8 +550,8 @@ def main(argv: list[str] | None = None) -> int:
                 med = statistics.median(v)
                 entry["kernel_median_s"][k] = med
                 entry["kernel_gbs"][k] = KERNEL_BYTES[k] * nbytes / med / 1e9
-            if len(entry["kernel_median_s"]) == len(KERNEL_BYTES):
-                entry["kernel_sum_s"] = sum(entry["kernel_median_s"].values())
+            if all(k in entry["kernel_median_s"] for k in STEP_KERNELS):
+                entry["kernel_sum_s"] = sum(entry["kernel_median_s"][k] for k in STEP_KERNELS)
             del cases, xs, dys, kcases
         except Exception as e:  # record and go on: one shape's failure should not lose the rest
             entry["errors"].append(f"{type(e).__name__}: {e}")
