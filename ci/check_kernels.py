@@ -7,6 +7,9 @@ is compiled to a cubin (so ptxas runs) with the options CuPy adds at run time pl
 ``-Werror=all-warnings --ptxas-options=-v``. The ptxas report gives registers, shared memory,
 stack frame and spills per kernel. Exit status 1 on any compile error, any warning, any spill
 or stack frame (local memory), or an entry point the launch planner names but the source lacks.
+The kernels are every family of xbn.kernels._launch.OPS, the fused reductions of the whole-step
+ops included; each fused kernel's registers are also listed beside its plain twin's (the cost
+of the per-channel epilogue in the last block).
 
 Needs ``pip install "cupy-cuda13x>=14" "nvidia-cuda-nvrtc==13.*"``. Only CuPy's low-level
 ``cupy.cuda.nvrtc`` bindings are used: CuPy's compile helpers ask the driver for a device.
@@ -211,6 +214,15 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             failures.append(f"[{key}] the launch planner names kernels no source defines: "
                             f"{sorted(unknown)}")
+
+    fused = [r for r in report if "_fused_" in str(r["kernel"])]
+    if fused:
+        plain = {(r["dtype"], r["arch"], r["kernel"]): r["registers"] for r in report}
+        print("\nfused epilogue, registers vs the plain twin:")
+        for r in fused:
+            twin = plain.get((r["dtype"], r["arch"], str(r["kernel"]).replace("_fused_", "_")))
+            print(f"{r['arch']}  {r['dtype']:4s}  {r['kernel']:36s}  {r['registers']:3d} regs  "
+                  f"(plain {twin}, {r['registers'] - (twin or 0):+d})")
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
