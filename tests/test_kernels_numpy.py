@@ -345,7 +345,10 @@ def threads():
 
 
 @pytest.mark.parametrize("case", [((8, 16, 64, 64), 1), ((64, 32, 14, 14), 1), ((16, 28, 28, 32), -1), ((8192, 64), 1)], ids=_id)
-def test_deterministic_across_calls_and_thread_counts(case, threads):
+def test_deterministic_across_calls_and_thread_counts(case, threads, engine):
+    """Bitwise equal on repeated calls with any thread timing. Across thread counts: bitwise on
+    the NumPy passes; the compiled engine runs a serial build on one thread and a parallel one
+    on more, which may round the last bit differently (see xbn/kernels/_numba_cpu.py)."""
     shape, axis = case
     x, dy = _data(shape, np.float32)
     assert x.nbytes >= kn._PARALLEL_MIN_BYTES  # the pool is used
@@ -354,12 +357,16 @@ def test_deterministic_across_calls_and_thread_counts(case, threads):
     for _ in range(3):
         for a, b in zip(first, _all_outputs(x, dy, axis)):
             np.testing.assert_array_equal(a, b)
-    threads(1)
-    for a, b in zip(first, _all_outputs(x, dy, axis)):
-        np.testing.assert_array_equal(a, b)
-    threads(3)
-    for a, b in zip(first, _all_outputs(x, dy, axis)):
-        np.testing.assert_array_equal(a, b)
+    for n in (1, 3):
+        threads(n)
+        again = _all_outputs(x, dy, axis)
+        for a, b in zip(again, _all_outputs(x, dy, axis)):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(first, again):
+            if engine == "numpy" or n > 1:
+                np.testing.assert_array_equal(a, b)
+            else:
+                _close(a, b, 1e-6, "1 thread vs 2")
 
 
 def test_set_num_threads_validates(threads):

@@ -9,11 +9,14 @@ kernels on every reference shape (see benchmarks/results/).
 The numerics are those of the NumPy passes: each row (a run of one channel's values) or each
 column of a block of rows is a partial, centred on its own rounded mean in a second pass over
 data still in cache, and the partials are merged in float64 by the caller in a fixed order.
-``reassoc`` lets LLVM vectorize the sums (their order is then fixed by the compiled code, the
-same on every call, since a partial never spans threads); no ``nnan``/``ninf``, so NaN and inf
-propagate as in NumPy. One thread runs a serial build, more threads a parallel build of the
-same loop body; that the two round alike (results bitwise equal for 1, 2 and 3 threads) is
-checked by tests/test_kernels_numpy.py rather than guaranteed by construction.
+``reassoc`` lets LLVM vectorize the sums; their order is then fixed by the compiled code, the
+same on every call, and a partial never spans threads, so results are bitwise reproducible
+for a given thread count whatever the timing. One thread runs a serial build and more threads
+a parallel build, which LLVM may vectorize differently: between 1 and 2 threads, float32
+results can differ in the last bit (seen: 3e-5 on sums of 380). Spelling the sums out in
+fixed lanes under strict IEEE arithmetic would make them equal by construction, but LLVM then
+keeps the lane accumulators in memory and the row statistics run 3-4x slower. No
+``nnan``/``ninf``: NaN and inf propagate as in NumPy.
 
 :mod:`xbn.kernels.numpy` imports this module on first use; without numba it still imports
 (so that doctest collection and introspection work) with ``AVAILABLE = False``, and the NumPy
