@@ -174,18 +174,24 @@ def _counters(n: int, device_id: int) -> Any:
 # -- input checks -------------------------------------------------------------------------------
 
 
-def _input(x: Array, axis: int) -> tuple[_launch.Layout, str] | None:
-    """(layout, dtype key) if the kernels take ``x`` with channel axis ``axis``."""
-    cupy = _cupy()
-    if not isinstance(x, cupy.ndarray):
-        return None
-    key = _launch.dtype_key(x.dtype.name)
+@functools.lru_cache(maxsize=1024)
+def _taken(shape: tuple[int, ...], dtype: Any, axis: int,
+           c_contiguous: bool) -> tuple[_launch.Layout, str, Any] | None:
+    # Cached: dtype names and the layout cost microseconds of Python on every launch otherwise.
+    key = _launch.dtype_key(dtype.name)
     if key is None:
         return None
-    layout = _launch.plan_layout(x.shape, axis, c_contiguous=x.flags.c_contiguous)
+    layout = _launch.plan_layout(shape, axis, c_contiguous=c_contiguous)
     if isinstance(layout, _launch.Fallback):
         return None
-    return layout, key
+    return layout, key, np.dtype(_launch.accumulator_dtype(dtype.name))
+
+
+def _input(x: Array, axis: int) -> tuple[_launch.Layout, str, Any] | None:
+    """(layout, dtype key, accumulator dtype) if the kernels take ``x`` with channel axis ``axis``."""
+    if not isinstance(x, _cupy().ndarray):
+        return None
+    return _taken(x.shape, x.dtype, axis, x.flags.c_contiguous)
 
 
 def _same_array_kind(a: Array, x: Array) -> bool:
@@ -199,13 +205,13 @@ def _same_array_kind(a: Array, x: Array) -> bool:
     )
 
 
-def _channel_vector(v: Array, x: Array, c: int, acc: str) -> Array | None:
-    """``v`` as a contiguous (C,) vector of dtype ``acc`` on x's device, or None."""
+def _channel_vector(v: Array, x: Array, c: int, acc: Any) -> Array | None:
+    """``v`` as a contiguous (C,) vector of dtype ``acc`` (a NumPy dtype) on x's device, or None."""
     if (
         type(v) is not type(x)
         or v.ndim != 1
         or v.shape[0] != c
-        or v.dtype.name != acc
+        or v.dtype != acc
         or v.device.id != x.device.id
     ):
         return None
@@ -213,15 +219,15 @@ def _channel_vector(v: Array, x: Array, c: int, acc: str) -> Array | None:
 
 
 #: dtypes the fused kernels read parameters and running statistics in (FLAG_PARAMS_F64).
-_PARAM_DTYPES = ("float32", "float64")
+_F32, _F64 = np.dtype("float32"), np.dtype("float64")
 
 
-def _param_vectors(x: Array, c: int, *vectors: Array | None) -> tuple[list[Array | None], str] | None:
+def _param_vectors(x: Array, c: int, *vectors: Array | None) -> tuple[list[Array | None], Any] | None:
     """The given (not None) vectors as contiguous (C,) arrays on x's device, and their common
-    dtype name ("float32" or "float64"); None if any is something else or they differ."""
+    dtype (float32 or float64); None if any is something else or they differ."""
     given = [v for v in vectors if v is not None]
-    dtype = given[0].dtype.name if given else "float32"
-    if dtype not in _PARAM_DTYPES:
+    dtype = getattr(given[0], "dtype", None) if given else _F32
+    if dtype != _F32 and dtype != _F64:
         return None
     out: list[Array | None] = []
     for v in vectors:
@@ -266,10 +272,15 @@ def _plan(op: str, layout: _launch.Layout, key: str, vec: int, device_id: int) -
 
 def _scalar(a: Any) -> Any:
     # Every int argument of the kernels is a C int, every float one a double; CuPy passes NumPy
-    # scalars by value in their own dtype.
-    if isinstance(a, (bool, int, np.integer)):
+    # scalars by value in their own dtype. (Exact types first: this runs for every argument.)
+    t = type(a)
+    if t is int:
         return np.int32(a)
-    if isinstance(a, (float, np.floating)):
+    if t is float:
+        return np.float64(a)
+    if isinstance(a, (bool, np.integer)):
+        return np.int32(a)
+    if isinstance(a, np.floating):
         return np.float64(a)
     return a
 
@@ -277,7 +288,8 @@ def _scalar(a: Any) -> Any:
 def _run(op: str, key: str, plan: _launch.LaunchPlan, values: dict[str, Any], device_id: int) -> None:
     args = _launch.arguments(op, plan, values)
     fn = _function(_launch.SOURCE_OF[op], key, plan.kernel, device_id)
-    fn(plan.grid, plan.block, tuple(_scalar(a) for a in args))
+    array = _cupy().ndarray
+    fn(plan.grid, plan.block, tuple(a if type(a) is array else _scalar(a) for a in args))
 
 
 # -- kernel entry points (None: not taken, use the generic path) --------------------------------
@@ -288,8 +300,7 @@ def launch_batch_stats(x: Array, *, axis: int, out: tuple[Array, Array] | None =
     taken = _input(x, axis)
     if taken is None:
         return None
-    layout, key = taken
-    acc = _launch.accumulator_dtype(x.dtype.name)
+    layout, key, acc = taken
     c = layout.channels
     with x.device:
         dev = x.device.id
@@ -309,8 +320,7 @@ def launch_backward_reduce(
     taken = _input(x, axis)
     if taken is None or not _same_array_kind(dy, x):
         return None
-    layout, key = taken
-    acc = _launch.accumulator_dtype(x.dtype.name)
+    layout, key, acc = taken
     c = layout.channels
     mean = _channel_vector(mean, x, c, acc)
     if mean is None:
@@ -334,8 +344,7 @@ def launch_scale_shift(
     taken = _input(x, axis)
     if taken is None:
         return None
-    layout, key = taken
-    acc = _launch.accumulator_dtype(x.dtype.name)
+    layout, key, acc = taken
     c = layout.channels
     scale = _channel_vector(scale, x, c, acc)
     if scale is None:
@@ -364,8 +373,7 @@ def launch_backward_apply(
     taken = _input(x, axis)
     if taken is None or not _same_array_kind(dy, x):
         return None
-    layout, key = taken
-    acc = _launch.accumulator_dtype(x.dtype.name)
+    layout, key, acc = taken
     c = layout.channels
     vectors = [_channel_vector(v, x, c, acc) for v in (mean, k_dy, k_xmu, k_const)]
     if any(v is None for v in vectors):
@@ -416,7 +424,7 @@ def launch_forward_stats(
     taken = _input(x, axis)
     if taken is None:
         return None
-    layout, key = taken
+    layout, key, acc = taken
     c = layout.channels
     running = running_mean is not None and running_var is not None
     params = _param_vectors(x, c, weight, bias, *((running_mean, running_var) if running else ()))
@@ -431,7 +439,6 @@ def launch_forward_stats(
         keep, m = 1.0 - momentum, momentum
     else:
         unbias = keep = m = 0.0
-    acc = _launch.accumulator_dtype(x.dtype.name)
     outs = (None,) * 6 if out is None else tuple(out)
     with x.device:
         dev = x.device.id
@@ -443,7 +450,7 @@ def launch_forward_stats(
         flags = ((_launch.FLAG_HAS_WEIGHT if weight is not None else 0)
                  | (_launch.FLAG_HAS_BIAS if bias is not None else 0)
                  | (_launch.FLAG_HAS_RUNNING if running else 0)
-                 | (_launch.FLAG_PARAMS_F64 if pdt == "float64" else 0))
+                 | (_launch.FLAG_PARAMS_F64 if pdt == _F64 else 0))
         # Absent vectors: the flags keep the kernel off them; an output stands in for the pointer.
         _run("stats_fused", key, plan, {
             "x": x, "mean": mean, "inv": inv, "scale": scale, "shift": shift,
@@ -471,8 +478,7 @@ def launch_backward_coefficients(
     taken = _input(x, axis)
     if taken is None or not _same_array_kind(dy, x):
         return None
-    layout, key = taken
-    acc = _launch.accumulator_dtype(x.dtype.name)
+    layout, key, acc = taken
     c = layout.channels
     mean, inv = _channel_vector(mean, x, c, acc), _channel_vector(inv, x, c, acc)
     params = _param_vectors(x, c, weight)
@@ -486,7 +492,7 @@ def launch_backward_coefficients(
         vec = _launch.vector_width(layout, x.itemsize, (x.data.ptr, dy.data.ptr))
         plan = _plan("backward_reduce_fused", layout, key, vec, dev)
         flags = ((_launch.FLAG_HAS_WEIGHT if weight is not None else 0)
-                 | (_launch.FLAG_PARAMS_F64 if pdt == "float64" else 0))
+                 | (_launch.FLAG_PARAMS_F64 if pdt == _F64 else 0))
         _run("backward_reduce_fused", key, plan, {
             "dy": dy, "x": x, "mean": mean, "inv": inv,
             "weight": inv if weight is None else weight, "dgamma": dgamma, "dbeta": dbeta,
