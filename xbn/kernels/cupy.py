@@ -33,8 +33,9 @@ TX across channels (each thread owning 1 or W channels), TY across rows, and spl
 Determinism: no floating-point atomics. A reduction split over ``parts`` blocks writes one
 partial per block to a workspace slot of its own; the last block to finish (threadfence, then
 an atomic ticket on a per-channel counter) merges the slots in slot order, with Chan's formula
-for (count, mean, M2) in the statistics and plain sums in the backward, then resets its counter
-to zero. The same inputs give bitwise the same outputs on every run. The zeroed counters live in
+for (count, mean, M2) in the statistics (of the values shifted by their channel's first value,
+so a constant channel has exactly variance 0) and plain sums in the backward, then resets its
+counter to zero. The same inputs give bitwise the same outputs on every run. The zeroed counters live in
 one small buffer per (device, stream), reused by every launch on that stream; the partials come
 from CuPy's memory pool per call.
 
