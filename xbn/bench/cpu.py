@@ -554,7 +554,11 @@ def main(argv: list[str] | None = None) -> int:
     if engine == "numba":
         import numba
 
-        machine_numba = {"numba": numba.__version__, "threading_layer": numba.threading_layer()}
+        try:
+            layer = numba.threading_layer()
+        except ValueError:  # no parallel loop ran: one thread takes the serial builds
+            layer = "none (serial builds only)"
+        machine_numba = {"numba": numba.__version__, "threading_layer": layer}
     else:
         machine_numba = {}
     meta = {"machine": {**machine_info(), **machine_numba}, "bandwidth": {t: statistics.median(v) for t, v in bandwidth.items()},
