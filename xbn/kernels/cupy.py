@@ -391,7 +391,7 @@ def launch_backward_apply(
     return dx
 
 
-def _workspace(plan: _launch.LaunchPlan, acc: str, placeholders: tuple[Array, Array], dev: int,
+def _workspace(plan: _launch.LaunchPlan, acc: Any, placeholders: tuple[Array, Array], dev: int,
                *, counts: bool) -> dict[str, Any]:
     """A reduction's partials and counters; with one part, placeholders the kernel never touches."""
     cupy = _cupy()
