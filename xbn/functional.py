@@ -81,9 +81,13 @@ def per_channel(v: Array, ndim: int, axis: int, /, *, xp: ModuleType | None = No
     return xp.reshape(v, tuple(shape))
 
 
+def _cast(a: Array, dtype: Any, xp: ModuleType) -> Array:
+    """``a`` in ``dtype``, without a copy when it already is (``astype`` always copies)."""
+    return a if a.dtype == dtype else xp.astype(a, dtype)
+
+
 def _as_compute(x: Array, xp: ModuleType) -> Array:
-    dt = compute_dtype(x.dtype, xp=xp)
-    return x if x.dtype == dt else xp.astype(x, dt)
+    return _cast(x, compute_dtype(x.dtype, xp=xp), xp)
 
 
 def batch_stats(x: Array, /, *, axis: int, xp: ModuleType | None = None) -> tuple[Array, Array]:
@@ -141,12 +145,12 @@ def scale_shift_coefficients(
     scale 0 gives that, where x * scale + shift would round to ulp(mean * inv) ~ 300 ulp(mean).
     """
     xp = _ns(xp, mean, inv)
-    scale = inv if weight is None else inv * xp.astype(weight, inv.dtype)
+    scale = inv if weight is None else inv * _cast(weight, inv.dtype, xp)
     if var is not None:
         scale = xp.where(var == 0, xp.zeros_like(scale), scale)
     shift = -mean * scale
     if bias is not None:
-        shift = shift + xp.astype(bias, inv.dtype)
+        shift = shift + _cast(bias, inv.dtype, xp)
     return scale, shift
 
 
@@ -161,11 +165,11 @@ def scale_shift(
 ) -> Array:
     """y = x * scale + shift per channel, computed in the dtype of ``scale``, returned in x's dtype."""
     xp = _ns(xp, x)
-    y = xp.astype(x, scale.dtype) if x.dtype != scale.dtype else x
+    y = _cast(x, scale.dtype, xp)
     y = y * per_channel(scale, x.ndim, axis, xp=xp)
     if shift is not None:
         y = y + per_channel(shift, x.ndim, axis, xp=xp)
-    return y if y.dtype == x.dtype else xp.astype(y, x.dtype)
+    return _cast(y, x.dtype, xp)
 
 
 def updated_running_stats(
@@ -187,8 +191,8 @@ def updated_running_stats(
     xp = _ns(xp, running_mean, mean)
     dt = running_mean.dtype
     unbiased = var * (count / (count - 1))
-    new_mean = (1.0 - momentum) * running_mean + momentum * xp.astype(mean, dt)
-    new_var = (1.0 - momentum) * running_var + momentum * xp.astype(unbiased, dt)
+    new_mean = (1.0 - momentum) * running_mean + momentum * _cast(mean, dt, xp)
+    new_var = (1.0 - momentum) * running_var + momentum * _cast(unbiased, dt, xp)
     return new_mean, new_var
 
 
@@ -198,8 +202,8 @@ def backward_reduce(
     """Per-channel sum(dy) and sum(dy * (x - mean)), accumulated in mean's dtype."""
     xp = _ns(xp, dy, x)
     dt = mean.dtype
-    dyc = dy if dy.dtype == dt else xp.astype(dy, dt)
-    xc = x if x.dtype == dt else xp.astype(x, dt)
+    dyc = _cast(dy, dt, xp)
+    xc = _cast(x, dt, xp)
     axes = reduction_axes(x.ndim, axis)
     xmu = xc - per_channel(mean, x.ndim, axis, xp=xp)
     return xp.sum(dyc, axis=axes), xp.sum(dyc * xmu, axis=axes)
@@ -223,7 +227,7 @@ def backward_coefficients(
     when |mean| >> std.
     """
     xp = _ns(xp, sum_dy, inv)
-    k_dy = inv if weight is None else inv * xp.astype(weight, inv.dtype)
+    k_dy = inv if weight is None else inv * _cast(weight, inv.dtype, xp)
     k_xmu = -k_dy * inv * inv * sum_dy_xmu / count
     k_const = -k_dy * sum_dy / count
     return k_dy, k_xmu, k_const
@@ -244,15 +248,15 @@ def backward_apply(
     """dx = dy * k_dy + (x - mean) * k_xmu + k_const per channel, in dy's dtype."""
     xp = _ns(xp, dy, x)
     dt = k_dy.dtype
-    dyc = dy if dy.dtype == dt else xp.astype(dy, dt)
-    xc = x if x.dtype == dt else xp.astype(x, dt)
+    dyc = _cast(dy, dt, xp)
+    xc = _cast(x, dt, xp)
     nd, a = x.ndim, axis
     dx = (
         dyc * per_channel(k_dy, nd, a, xp=xp)
         + (xc - per_channel(mean, nd, a, xp=xp)) * per_channel(k_xmu, nd, a, xp=xp)
         + per_channel(k_const, nd, a, xp=xp)
     )
-    return dx if dx.dtype == dy.dtype else xp.astype(dx, dy.dtype)
+    return _cast(dx, dy.dtype, xp)
 
 
 def normalize(
@@ -387,7 +391,7 @@ def batch_norm_backward(
     xp = _ns(xp, dy, x)
     ops = _GENERIC if ops is None else ops
     if not batch_stats_used and not need_param_grads:
-        k_dy = inv if weight is None else inv * xp.astype(weight, inv.dtype)
+        k_dy = inv if weight is None else inv * _cast(weight, inv.dtype, xp)
         return ops.scale_shift(dy, k_dy, None, axis=axis, xp=xp), None, None
     sum_dy, sum_dy_xmu = ops.backward_reduce(dy, x, mean, axis=axis, xp=xp)
     if batch_stats_used:
@@ -397,7 +401,7 @@ def batch_norm_backward(
         )
         dx = ops.backward_apply(dy, x, mean, k_dy, k_xmu, k_const, axis=axis, xp=xp)
     else:
-        k_dy = inv if weight is None else inv * xp.astype(weight, inv.dtype)
+        k_dy = inv if weight is None else inv * _cast(weight, inv.dtype, xp)
         dx = ops.scale_shift(dy, k_dy, None, axis=axis, xp=xp)
     return dx, sum_dy_xmu * inv, sum_dy
 
