@@ -86,6 +86,11 @@ def _cast(a: Array, dtype: Any, xp: ModuleType) -> Array:
     return a if a.dtype == dtype else xp.astype(a, dtype)
 
 
+def _weight_times(inv: Array, weight: Array | None, xp: ModuleType) -> Array:
+    """gamma * invstd per channel (invstd alone without affine parameters)."""
+    return inv if weight is None else inv * _cast(weight, inv.dtype, xp)
+
+
 def _as_compute(x: Array, xp: ModuleType) -> Array:
     return _cast(x, compute_dtype(x.dtype, xp=xp), xp)
 
@@ -145,7 +150,7 @@ def scale_shift_coefficients(
     scale 0 gives that, where x * scale + shift would round to ulp(mean * inv) ~ 300 ulp(mean).
     """
     xp = _ns(xp, mean, inv)
-    scale = inv if weight is None else inv * _cast(weight, inv.dtype, xp)
+    scale = _weight_times(inv, weight, xp)
     if var is not None:
         scale = xp.where(var == 0, xp.zeros_like(scale), scale)
     shift = -mean * scale
@@ -227,7 +232,7 @@ def backward_coefficients(
     when |mean| >> std.
     """
     xp = _ns(xp, sum_dy, inv)
-    k_dy = inv if weight is None else inv * _cast(weight, inv.dtype, xp)
+    k_dy = _weight_times(inv, weight, xp)
     k_xmu = -k_dy * inv * inv * sum_dy_xmu / count
     k_const = -k_dy * sum_dy / count
     return k_dy, k_xmu, k_const
@@ -390,19 +395,18 @@ def batch_norm_backward(
     """
     xp = _ns(xp, dy, x)
     ops = _GENERIC if ops is None else ops
-    if not batch_stats_used and not need_param_grads:
-        k_dy = inv if weight is None else inv * _cast(weight, inv.dtype, xp)
-        return ops.scale_shift(dy, k_dy, None, axis=axis, xp=xp), None, None
+    if not batch_stats_used:  # mean and inv were constants: dx needs no reduction
+        dx = ops.scale_shift(dy, _weight_times(inv, weight, xp), None, axis=axis, xp=xp)
+        if not need_param_grads:
+            return dx, None, None
+        sum_dy, sum_dy_xmu = ops.backward_reduce(dy, x, mean, axis=axis, xp=xp)
+        return dx, sum_dy_xmu * inv, sum_dy
     sum_dy, sum_dy_xmu = ops.backward_reduce(dy, x, mean, axis=axis, xp=xp)
-    if batch_stats_used:
-        count = values_per_channel(x.shape, axis)
-        k_dy, k_xmu, k_const = backward_coefficients(
-            sum_dy, sum_dy_xmu, inv, weight, count=count, xp=xp
-        )
-        dx = ops.backward_apply(dy, x, mean, k_dy, k_xmu, k_const, axis=axis, xp=xp)
-    else:
-        k_dy = inv if weight is None else inv * _cast(weight, inv.dtype, xp)
-        dx = ops.scale_shift(dy, k_dy, None, axis=axis, xp=xp)
+    count = values_per_channel(x.shape, axis)
+    k_dy, k_xmu, k_const = backward_coefficients(
+        sum_dy, sum_dy_xmu, inv, weight, count=count, xp=xp
+    )
+    dx = ops.backward_apply(dy, x, mean, k_dy, k_xmu, k_const, axis=axis, xp=xp)
     return dx, sum_dy_xmu * inv, sum_dy
 
 

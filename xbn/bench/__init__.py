@@ -10,6 +10,16 @@ from __future__ import annotations
 import argparse
 import importlib
 
+#: REFERENCE.md C's shapes, float32: (shape, channel axis, label). Both benchmarks start here.
+REFERENCE_SHAPES: list[tuple[tuple[int, ...], int, str]] = [
+    ((32, 64, 56, 56), 1, "NCHW"),
+    ((128, 256, 14, 14), 1, "NCHW"),
+    ((8, 32, 224, 224), 1, "NCHW"),
+    ((4096, 1024), 1, "NC"),
+    ((32, 56, 56, 64), -1, "NHWC"),
+    ((64, 16, 8, 8), 1, "NCHW small"),
+]
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group()

@@ -38,15 +38,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-# (shape, channel axis, label); float32 throughout
-REFERENCE_SHAPES: list[tuple[tuple[int, ...], int, str]] = [
-    ((32, 64, 56, 56), 1, "NCHW"),
-    ((128, 256, 14, 14), 1, "NCHW"),
-    ((8, 32, 224, 224), 1, "NCHW"),
-    ((4096, 1024), 1, "NC"),
-    ((32, 56, 56, 64), -1, "NHWC"),
-    ((64, 16, 8, 8), 1, "NCHW small"),
-]
+from . import REFERENCE_SHAPES
+
 EPS = 1e-5
 MOMENTUM = 0.1
 COPY_BYTES = 256 << 20

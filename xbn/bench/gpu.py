@@ -48,14 +48,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import REFERENCE_SHAPES
+
 #: (shape, channel axis, label). REFERENCE.md C's shapes, then small C, tiny spatial and (N, C).
 SHAPES: list[tuple[tuple[int, ...], int, str]] = [
-    ((32, 64, 56, 56), 1, "NCHW"),
-    ((128, 256, 14, 14), 1, "NCHW"),
-    ((8, 32, 224, 224), 1, "NCHW"),
-    ((4096, 1024), 1, "NC"),
-    ((32, 56, 56, 64), -1, "NHWC"),
-    ((64, 16, 8, 8), 1, "NCHW small"),
+    *REFERENCE_SHAPES,
     ((32, 3, 224, 224), 1, "small C"),
     ((256, 1, 128, 128), 1, "C=1"),
     ((128, 2048, 7, 7), 1, "tiny spatial"),
