@@ -214,11 +214,18 @@ def test_training_flag_overrides_mode_for_one_call(backend):
 
 
 def test_call_is_forward(backend):
-    bn = xbn.BatchNorm1d(3, backend=backend.name).eval()
+    # A training-mode layer, so that a __call__ dropping training= would update the statistics.
+    bn = xbn.BatchNorm1d(3, backend=backend.name)
     _set(bn, backend, running_mean=[0.1, 0.2, 0.3])
-    X = to_backend(backend, _x((4, 3), dtype=np.float32))
-    np.testing.assert_array_equal(to_numpy(bn(X)), to_numpy(bn.forward(X)))
-    np.testing.assert_array_equal(to_numpy(bn(X, training=False)), to_numpy(bn.forward(X)))
+    x = _x((4, 3), dtype=np.float32)
+    X = to_backend(backend, x)
+    y_eval = to_numpy(bn(X, training=False))
+    assert bn.num_batches_tracked == 0
+    np.testing.assert_array_equal(y_eval, to_numpy(bn.forward(X, training=False)))
+    assert_close(y_eval, (x - [0.1, 0.2, 0.3]) / np.sqrt(1 + 1e-5), 1e-6)
+    y_train = to_numpy(bn(X))
+    assert bn.num_batches_tracked == 1
+    assert_close(y_train, ref.forward(x.astype(np.float64), axis=1)["y"], 1e-5)
 
 
 def test_eval_uses_running_stats_and_leaves_buffers(backend):
@@ -287,13 +294,15 @@ def test_grads_accumulate_and_zero_grad_clears(backend):
     x, dy1, dy2 = _x((5, 3)), _x((5, 3), seed=1), _x((5, 3), seed=2)
     bn(to_backend(backend, x))
     bn.backward(to_backend(backend, dy1))
-    bn.backward(to_backend(backend, dy2))  # two backwards of one forward: grads add up
+    bn(to_backend(backend, x))
+    bn.backward(to_backend(backend, dy2))  # two forward/backward pairs: grads add up
     g1, g2 = ref.backward(dy1, x, axis=1), ref.backward(dy2, x, axis=1)
     assert_close(to_numpy(bn.weight.grad), g1["dgamma"] + g2["dgamma"], 1e-12)
     assert_close(to_numpy(bn.bias.grad), g1["dbeta"] + g2["dbeta"], 1e-12)
     opt = xbn.optim.SGD(bn.parameters(), lr=0.1)
     opt.zero_grad()
     assert bn.weight.grad is None and bn.bias.grad is None
+    bn(to_backend(backend, x))
     bn.backward(to_backend(backend, dy1))
     assert_close(to_numpy(bn.weight.grad), g1["dgamma"], 1e-12)
     opt.zero_grad(set_to_none=False)
@@ -302,12 +311,35 @@ def test_grads_accumulate_and_zero_grad_clears(backend):
     assert bn.weight.grad is None
 
 
+def test_second_backward_of_one_forward_raises_and_changes_nothing(backend):
+    bn = xbn.BatchNorm1d(3, backend=backend.name, dtype="float64")
+    x, dy = _x((5, 3)), _x((5, 3), seed=1)
+    bn(to_backend(backend, x))
+    bn.backward(to_backend(backend, dy))
+    before = to_numpy(bn.weight.grad)
+    with pytest.raises(xbn.BackwardBeforeForwardError, match="run forward"):
+        bn.backward(to_backend(backend, dy))
+    np.testing.assert_array_equal(to_numpy(bn.weight.grad), before)
+
+
+def test_failed_backward_keeps_the_forward_for_a_corrected_call(backend):
+    bn = xbn.BatchNorm1d(3, backend=backend.name, dtype="float64")
+    x, dy = _x((5, 3)), _x((5, 3), seed=1)
+    bn(to_backend(backend, x))
+    with pytest.raises(ValueError, match="dy must match"):
+        bn.backward(to_backend(backend, dy[:4]))
+    assert bn.weight.grad is None
+    bn.backward(to_backend(backend, dy))
+    assert_close(to_numpy(bn.weight.grad), ref.backward(dy, x, axis=1)["dgamma"], 1e-12)
+
+
 def test_backward_uses_the_weight_of_its_forward(backend):
     """An SGD step between forward and backward must not change that backward (no aliasing)."""
     bn = xbn.BatchNorm1d(3, backend=backend.name, dtype="float64")
     x, dy = _x((5, 3)), _x((5, 3), seed=1)
     bn(to_backend(backend, x))
-    bn.backward(to_backend(backend, dy))
+    for p in bn.parameters():
+        p.grad = backend.xp.ones_like(p.data)
     opt = xbn.optim.SGD(bn.parameters(), lr=0.5)
     opt.step()
     opt.zero_grad()

@@ -71,6 +71,9 @@ def test_linear_grads_accumulate_and_no_bias(backend):
     lin.forward(x)
     lin.backward(dy)
     once = to_host(lin.weight.grad)
+    with pytest.raises(xbn.BackwardBeforeForwardError, match="run forward"):
+        lin.backward(dy)  # one backward per forward, as in torch
+    lin.forward(x)
     lin.backward(dy)
     np.testing.assert_array_equal(to_host(lin.weight.grad), 2 * once)
 

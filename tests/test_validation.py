@@ -14,10 +14,13 @@ from reference import snapshot, to_backend, to_numpy
 
 
 def _used(layer, backend, shape):
-    """``layer`` after one training forward/backward, so its state is not the defaults."""
+    """``layer`` after one training forward/backward, so its state is not the defaults, and a
+    second forward whose backward is still to come (the backward tests need one pending)."""
     rng = np.random.default_rng(0)
-    layer(to_backend(backend, rng.normal(1.0, 2.0, shape).astype(np.float32)))
+    x = to_backend(backend, rng.normal(1.0, 2.0, shape).astype(np.float32))
+    layer(x)
     layer.backward(to_backend(backend, rng.normal(size=shape).astype(np.float32)))
+    layer(x)
     return layer
 
 

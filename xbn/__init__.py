@@ -4,28 +4,25 @@ Runs unchanged on NumPy, CuPy, PyTorch tensors and any standard namespace; the b
 when a layer is constructed and arrays stay on its device.
 """
 
-from . import functional, optim
+from . import functional, nn, optim
 from .backends import BackendUnavailableError
-from .layers import (
-    BackwardBeforeForwardError,
-    BatchNorm,
-    BatchNorm1d,
-    BatchNorm2d,
-    BatchNorm3d,
-    Parameter,
-)
+from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .module import BackwardBeforeForwardError, IncompatibleKeys, Module, Parameter
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Module",
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
     "Parameter",
+    "IncompatibleKeys",
     "BackendUnavailableError",
     "BackwardBeforeForwardError",
     "functional",
+    "nn",
     "optim",
     "__version__",
 ]

@@ -33,36 +33,21 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import array_api_compat
 import numpy as np
 
-from .backends import Backend, resolve
-from .layers import BackwardBeforeForwardError, Parameter
+from . import _arrays
+from .module import Module, Parameter
 
 Array = Any
 
 __all__ = ["Linear", "ReLU", "Sequential", "softmax_cross_entropy"]
 
 
-def _dtype_of(xp: Any, dtype: Any) -> Any:
-    if isinstance(dtype, str):
-        if not hasattr(xp, dtype):
-            raise ValueError(f"dtype {dtype!r} is not a dtype of this backend")
-        dtype = getattr(xp, dtype)
-    if not xp.isdtype(dtype, "real floating"):
-        raise TypeError(f"dtype must be a real floating dtype such as 'float32', got {dtype!r}")
-    return dtype
-
-
-def _accumulate(p: Parameter, g: Array) -> None:
-    # Gradients add up across backward calls, as in PyTorch and xbn.BatchNorm.
-    p.grad = g if p.grad is None else p.grad + g
-
-
-class Linear:
+class Linear(Module):
     """y = x @ W.T + b for x of shape (N, in_features); W has PyTorch's shape (out, in).
 
     Initialized as ``torch.nn.Linear`` is: W and b uniform in +-1/sqrt(in_features) (this is
@@ -109,85 +94,66 @@ class Linear:
         rng: np.random.Generator | None = None,
         seed: int | None = None,
     ) -> None:
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        super().__init__()
+        in_features = _arrays.check_positive_int("in_features", in_features)
+        out_features = _arrays.check_positive_int("out_features", out_features)
+        bias = _arrays.check_bool("bias", bias)
         if rng is not None and seed is not None:
             raise ValueError("give rng or seed, not both")
-        self._backend: Backend = resolve(backend, device)
-        xp, dev = self._backend.xp, self._backend.device
+        self._init_backend(backend, device, dtype)
         self.in_features, self.out_features = in_features, out_features
-        self._dtype = _dtype_of(xp, dtype)
         if rng is None:
             rng = np.random.default_rng(seed)
         bound = 1.0 / math.sqrt(in_features)
+        xp, dev, dt = self.xp, self.device, self._dtype
         w = rng.uniform(-bound, bound, size=(out_features, in_features))
-        self.weight = Parameter(xp.asarray(w, dtype=self._dtype, device=dev))
-        self.bias: Parameter | None = None
-        if bias:
-            b = rng.uniform(-bound, bound, size=(out_features,))
-            self.bias = Parameter(xp.asarray(b, dtype=self._dtype, device=dev))
-        self.training = True
-        self._x: Array | None = None
-
-    @property
-    def xp(self) -> Any:
-        return self._backend.xp
-
-    def train(self, mode: bool = True) -> Linear:
-        self.training = bool(mode)
-        return self
-
-    def eval(self) -> Linear:
-        return self.train(False)
-
-    def parameters(self) -> list[Parameter]:
-        return [p for p in (self.weight, self.bias) if p is not None]
-
-    def __call__(self, x: Array, training: bool | None = None) -> Array:
-        return self.forward(x, training=training)
+        self.weight = Parameter(xp.asarray(w, dtype=dt, device=dev))
+        b = rng.uniform(-bound, bound, size=(out_features,)) if bias else None
+        self.register_parameter("bias", None if b is None else Parameter(xp.asarray(b, dtype=dt, device=dev)))
 
     def forward(self, x: Array, training: bool | None = None) -> Array:
         """x @ W.T + b; ``training`` is accepted for the layer protocol and has no effect."""
-        b = self._backend
-        if not b.owns(x):
-            raise TypeError(
-                f"input must be an array of the layer's backend {b.name!r}, got {type(x).__name__}"
-            )
+        _arrays.check_training_flag(training, self.training)
+        x = _arrays.check_array(self._backend, x, "input")
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"expected input of shape (N, {self.in_features}), got {tuple(x.shape)}")
         if x.dtype != self._dtype:
             raise TypeError(f"input dtype {x.dtype} does not match the layer's dtype {self._dtype}")
-        xp = b.xp
+        xp = self.xp
         y = xp.matmul(x, xp.matrix_transpose(self.weight.data))
         if self.bias is not None:
             y = y + self.bias.data
-        self._x = x
+        self._save_for_backward(x)
         return y
 
     def backward(self, dy: Array) -> Array:
         """dx = dy @ W; accumulates dW = dy.T @ x and db = sum(dy) over the batch."""
-        if self._x is None:
-            raise BackwardBeforeForwardError("backward() needs a preceding forward(); none was run")
-        x, xp = self._x, self._backend.xp
-        if tuple(dy.shape) != (x.shape[0], self.out_features):
+        x = self._saved_for_backward()
+        dy = _arrays.check_array(self._backend, dy, "dy")
+        if tuple(dy.shape) != (x.shape[0], self.out_features) or dy.dtype != x.dtype:
             raise ValueError(
-                f"dy must have shape {(x.shape[0], self.out_features)}, got {tuple(dy.shape)}"
+                f"dy must have shape {(x.shape[0], self.out_features)} and dtype {x.dtype}, "
+                f"got shape {tuple(dy.shape)} and dtype {dy.dtype}"
             )
-        _accumulate(self.weight, xp.matmul(xp.matrix_transpose(dy), x))
+        xp = self.xp
+        dx = xp.matmul(dy, self.weight.data)
+        self._accumulate_grad(self.weight, xp.matmul(xp.matrix_transpose(dy), x))
         if self.bias is not None:
-            _accumulate(self.bias, xp.sum(dy, axis=0))
-        return xp.matmul(dy, self.weight.data)
+            self._accumulate_grad(self.bias, xp.sum(dy, axis=0))
+        self._release_saved()
+        return dx
 
-    def __repr__(self) -> str:
+    def extra_repr(self) -> str:
         return (
-            f"Linear({self.in_features}, {self.out_features}, bias={self.bias is not None}, "
-            f"backend={self._backend.name!r})"
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, backend={self.backend!r}"
         )
 
 
-class ReLU:
+class ReLU(Module):
     """max(x, 0) elementwise; the backward passes dy where x > 0 (the subgradient 0 at x == 0).
+
+    Holds no arrays of its own, so it follows its input's namespace and device.
 
     Examples
     --------
@@ -200,55 +166,37 @@ class ReLU:
     [0.0, 0.0, 5.0]
     """
 
-    def __init__(self) -> None:
-        self.training = True
-        self._mask: Array | None = None
-
-    def train(self, mode: bool = True) -> ReLU:
-        self.training = bool(mode)
-        return self
-
-    def eval(self) -> ReLU:
-        return self.train(False)
-
-    def parameters(self) -> list[Parameter]:
-        return []
-
-    def __call__(self, x: Array, training: bool | None = None) -> Array:
-        return self.forward(x, training=training)
-
     def forward(self, x: Array, training: bool | None = None) -> Array:
+        _arrays.check_training_flag(training, self.training)
         xp = array_api_compat.array_namespace(x)
         # where() rather than x * mask: -1.0 * 0 would give -0.0. zeros_like rather than a Python
         # scalar 0, which where() accepts only from the 2024.12 standard on.
-        self._mask = x > 0
-        return xp.where(self._mask, x, xp.zeros_like(x))
+        mask = x > 0
+        self._save_for_backward(mask)
+        return xp.where(mask, x, xp.zeros_like(x))
 
     def backward(self, dy: Array) -> Array:
-        if self._mask is None:
-            raise BackwardBeforeForwardError("backward() needs a preceding forward(); none was run")
-        if tuple(dy.shape) != tuple(self._mask.shape):
-            raise ValueError(f"dy must have shape {tuple(self._mask.shape)}, got {tuple(dy.shape)}")
+        mask = self._saved_for_backward()
+        if tuple(dy.shape) != tuple(mask.shape):
+            raise ValueError(f"dy must have shape {tuple(mask.shape)}, got {tuple(dy.shape)}")
         xp = array_api_compat.array_namespace(dy)
-        return xp.where(self._mask, dy, xp.zeros_like(dy))
+        dx = xp.where(mask, dy, xp.zeros_like(dy))
+        self._release_saved()
+        return dx
 
-    def __repr__(self) -> str:
-        return "ReLU()"
 
-
-def _accepts_training(layer: Any) -> bool:
+def _accepts_training(layer: Module) -> bool:
     try:
         return "training" in inspect.signature(layer.forward).parameters
     except (TypeError, ValueError):
         return False
 
 
-class Sequential:
-    """Layers applied in order; backward runs them in reverse.
+class Sequential(Module):
+    """Modules applied in order, registered as children "0", "1", ...; backward runs them in reverse.
 
-    Any object with ``forward`` and ``backward`` is a layer. ``training`` given to
-    ``forward`` is passed on to the layers that take it (BatchNorm does); ``train()`` and
-    ``eval()`` set the mode of every layer that has one.
+    ``training`` given to ``forward`` is passed on to the layers that take it (BatchNorm does);
+    ``train()`` and ``eval()`` set the mode of every layer.
 
     Examples
     --------
@@ -257,62 +205,57 @@ class Sequential:
     >>> net = Sequential(Linear(2, 4, backend="numpy", seed=0), xbn.BatchNorm1d(4, backend="numpy"), ReLU())
     >>> len(net), len(net.parameters()), net.eval().training, net[1].training
     (3, 4, False, False)
+    >>> list(net.state_dict())
+    ['0.weight', '0.bias', '1.weight', '1.bias', '1.running_mean', '1.running_var', '1.num_batches_tracked']
     """
 
-    def __init__(self, *layers: Any) -> None:
+    def __init__(self, *layers: Module) -> None:
+        super().__init__()
         for layer in layers:
-            if not (callable(getattr(layer, "forward", None)) and callable(getattr(layer, "backward", None))):
-                raise TypeError(f"a layer needs forward() and backward(), got {type(layer).__name__}")
-        self.layers = list(layers)
-        self._takes_training = [_accepts_training(layer) for layer in self.layers]
-        self.training = True
+            if not isinstance(layer, Module):
+                raise TypeError(
+                    "Sequential takes xbn.Module layers (with forward() and backward()), "
+                    f"got {type(layer).__name__}"
+                )
+        for i, layer in enumerate(layers):
+            self.add_module(str(i), layer)
+        self._takes_training = [_accepts_training(layer) for layer in layers]
+
+    @property
+    def layers(self) -> list[Module]:
+        return list(self.children())
 
     def __len__(self) -> int:
-        return len(self.layers)
+        return len(self._modules)
 
-    def __getitem__(self, i: int) -> Any:
+    def __getitem__(self, i: int) -> Module:
         return self.layers[i]
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Module]:
         return iter(self.layers)
 
-    def train(self, mode: bool = True) -> Sequential:
-        self.training = bool(mode)
-        for layer in self.layers:
-            if hasattr(layer, "train"):
-                layer.train(mode)
-        return self
-
-    def eval(self) -> Sequential:
-        return self.train(False)
-
-    def parameters(self) -> list[Parameter]:
-        params: list[Parameter] = []
-        for layer in self.layers:
-            if hasattr(layer, "parameters"):
-                params.extend(layer.parameters())
-        return params
-
-    def zero_grad(self) -> None:
-        for p in self.parameters():
-            p.grad = None
-
-    def __call__(self, x: Array, training: bool | None = None) -> Array:
-        return self.forward(x, training=training)
-
     def forward(self, x: Array, training: bool | None = None) -> Array:
-        for layer, takes in zip(self.layers, self._takes_training):
-            x = layer.forward(x, training=training) if takes and training is not None else layer.forward(x)
+        _arrays.check_training_flag(training, self.training)
+        # A layer deep in the model may reject what the ones before it made of x: undo their
+        # updates then, so that a failed call leaves the whole model as it was.
+        snapshot = self._snapshot()
+        try:
+            for layer, takes in zip(self.children(), self._takes_training):
+                x = layer.forward(x, training=training) if takes and training is not None else layer.forward(x)
+        except BaseException:
+            self._restore(snapshot)
+            raise
         return x
 
     def backward(self, dy: Array) -> Array:
-        for layer in reversed(self.layers):
-            dy = layer.backward(dy)
+        snapshot = self._snapshot()
+        try:
+            for layer in reversed(self.layers):
+                dy = layer.backward(dy)
+        except BaseException:
+            self._restore(snapshot)
+            raise
         return dy
-
-    def __repr__(self) -> str:
-        inner = "".join(f"\n  {layer!r}," for layer in self.layers)
-        return f"Sequential({inner}\n)"
 
 
 def softmax_cross_entropy(logits: Array, labels: Array | Iterable[int], /) -> tuple[Array, Array]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from typing import Any, Iterable
 
-from .layers import Parameter
+from .module import Parameter
 
 __all__ = ["SGD"]
 
