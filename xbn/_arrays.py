@@ -58,6 +58,10 @@ def array_namespace(x: Any) -> Any:
     return array_api_compat.array_namespace(x)
 
 
+def device(x: Any) -> Any:
+    return array_api_compat.device(x)
+
+
 def detach(a: Array) -> Array:
     """``a`` cut from any autograd graph (torch tensors); other arrays as they are.
 

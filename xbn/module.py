@@ -365,18 +365,24 @@ class Module:
         integer in [0, 2**63 - 1] (it must round-trip through torch's int64).
         """
         current = self._state_value(name)
-        host = _arrays.to_host(value, key)
+        if isinstance(current, int) and _arrays.is_int(value):
+            host = None
+            n = int(value)  # a Python int may exceed every NumPy integer dtype
+        else:
+            host = _arrays.to_host(value, key)
         if isinstance(current, int):
-            if host.shape != () or host.dtype.kind not in "iu":
-                raise ValueError(
-                    f"{key} must be a 0-d integer array or int, got shape {host.shape} and dtype {host.dtype}"
-                )
-            n = int(host)
+            if host is not None:
+                if host.shape != () or host.dtype.kind not in "iu":
+                    raise ValueError(
+                        f"{key} must be a 0-d integer array or int, got shape {host.shape} and dtype {host.dtype}"
+                    )
+                n = int(host)
             if n < 0:
                 raise ValueError(f"{key} must be >= 0, got {n}")
             if n > _arrays.INT64_MAX:
                 raise ValueError(f"{key} must be at most 2**63 - 1 (torch stores it as int64), got {n}")
             return n
+        assert host is not None
         if host.dtype.kind != "f":
             raise TypeError(f"{key} must have a real floating dtype, got {host.dtype}")
         shape = tuple(current.shape)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numbers
 from typing import Any, Iterable
 
+from . import _arrays
+from .backends import resolve
 from .module import Parameter
 
 __all__ = ["SGD"]
@@ -59,26 +61,46 @@ class SGD:
         self._buffers: dict[int, Any] = {}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear every gradient (to None, as PyTorch does by default, or to zeros)."""
+        """Clear every gradient: to None, as PyTorch does by default, or to exact zeros.
+
+        Zeros are new arrays, not ``grad * 0``, which would keep NaN and Inf.
+        """
         for p in self.params:
             if set_to_none or p.grad is None:
                 p.grad = None
             else:
-                p.grad = p.grad * 0
+                p.grad = _arrays.array_namespace(p.grad).zeros_like(p.grad)
 
     def step(self) -> None:
+        """One update of every parameter that has a gradient; all or nothing if one fails."""
+        updates = []
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
             g = p.grad
             if self.weight_decay != 0:
                 g = g + self.weight_decay * p.data
+            buf = None
             if self.momentum != 0:
-                buf = self._buffers.get(i)
+                buf = self._buffer_beside(i, p)
                 buf = g if buf is None else self.momentum * buf + (1.0 - self.dampening) * g
-                self._buffers[i] = buf
                 g = g + self.momentum * buf if self.nesterov else buf
-            p.data = p.data - self.lr * g
+            updates.append((i, p, p.data - self.lr * g, buf))
+        for i, p, data, buf in updates:
+            p.data = data
+            if buf is not None:
+                self._buffers[i] = buf
+
+    def _buffer_beside(self, i: int, p: Parameter) -> Any:
+        """Momentum buffer ``i`` on the parameter's backend and device.
+
+        A model moved with ``to()`` after some steps leaves its buffers behind; they follow it
+        here rather than fail in a mixed-namespace expression.
+        """
+        buf = self._buffers.get(i)
+        if buf is None or (type(buf) is type(p.data) and _arrays.device(buf) == _arrays.device(p.data)):
+            return buf
+        return _arrays.move_array(buf, resolve(p.data), p.data.dtype)
 
     def state_dict(self) -> dict[str, Any]:
         return {"momentum_buffers": dict(self._buffers)}
