@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from xbn import _reference as ref
 from xbn import functional as F
+from xbn._reference import assert_close, to_numpy
 
-import reference as ref
-from reference import assert_close, to_backend, to_numpy
+from reference import rand, to_backend
 
 # (shape, channel axis): (N,C), (N,C,L), NCHW, NHWC given both ways, NCDHW
 CASES = [
@@ -26,10 +27,10 @@ TOL = {np.float64: 1e-12, np.float32: 1e-5}
 def _data(shape, axis, dtype, seed=0):
     rng = np.random.default_rng(seed)
     c = shape[axis]
-    x = ref.rand(rng, shape, dtype, loc=0.5, scale=2.0)
+    x = rand(rng, shape, dtype, loc=0.5, scale=2.0)
     w = rng.uniform(0.5, 1.5, c).astype(dtype)
     b = rng.normal(size=c).astype(dtype)
-    dy = ref.rand(rng, shape, dtype)
+    dy = rand(rng, shape, dtype)
     return x, w, b, dy
 
 

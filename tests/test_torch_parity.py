@@ -3,6 +3,9 @@
 Several training steps in lockstep (forward, backward, SGD step), then an eval step, comparing
 outputs, dx, dgamma, dbeta, parameters, running statistics and num_batches_tracked. Tolerances
 are relative to the max abs of torch's value: float64 1e-10, float32 1e-5.
+
+Also the float64 reference itself (xbn._reference, which the other tiers and ``xbn parity``
+compare against) against torch's layers in float64.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import pytest
 torch = pytest.importorskip("torch", reason="the PyTorch parity tier needs torch installed")
 
 import xbn  # noqa: E402
+from xbn import _reference as ref  # noqa: E402
+from xbn._reference import assert_close, rel_err, to_numpy  # noqa: E402
 
-import reference as ref  # noqa: E402
-from reference import rel_err, to_backend, to_numpy  # noqa: E402
+from reference import to_backend  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -81,14 +85,9 @@ def _well_conditioned(rng, shape):
     return loc + rng.uniform(0.5, 3.0, shape[1]).reshape(bshape) * z
 
 
-def run_parity(backend, kind, option, dtype, seed, steps=3, big=False):
-    """Run torch and xbn side by side; return {quantity: max relative error}."""
-    tcls, rank, channels_last = KINDS[kind]
-    opt = OPTIONS[option]
-    rng = np.random.default_rng(seed)
-    c = int(rng.integers(3, 9) if big else rng.integers(1, 5))
-    tdt = getattr(torch, dtype)
-    tbn = tcls(c, **opt["layer"], dtype=tdt)
+def _torch_layer(tcls, c, opt, dtype, rng):
+    """A torch layer of OPTIONS ``opt`` with random parameters and running statistics."""
+    tbn = tcls(c, **opt["layer"], dtype=getattr(torch, dtype))
     with torch.no_grad():
         if tbn.affine:
             tbn.weight.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, c)))
@@ -97,6 +96,27 @@ def run_parity(backend, kind, option, dtype, seed, steps=3, big=False):
             tbn.running_mean.copy_(torch.from_numpy(rng.normal(size=c)))
             tbn.running_var.copy_(torch.from_numpy(rng.uniform(0.5, 2.0, c)))
             tbn.num_batches_tracked.fill_(opt.get("nbt", 0))
+    return tbn
+
+
+def _torch_forward_backward(tbn, x, dy, channels_last):
+    """torch's y and dx for the NumPy input x and upstream gradient dy (channels-last when asked:
+    torch's layers take the channel on axis 1 only)."""
+    xt = torch.tensor(x, requires_grad=True)
+    yt = tbn(torch.movedim(xt, -1, 1) if channels_last else xt)
+    if channels_last:
+        yt = torch.movedim(yt, 1, -1)
+    (yt * torch.from_numpy(dy)).sum().backward()
+    return yt, xt.grad
+
+
+def run_parity(backend, kind, option, dtype, seed, steps=3, big=False):
+    """Run torch and xbn side by side; return {quantity: max relative error}."""
+    tcls, rank, channels_last = KINDS[kind]
+    opt = OPTIONS[option]
+    rng = np.random.default_rng(seed)
+    c = int(rng.integers(3, 9) if big else rng.integers(1, 5))
+    tbn = _torch_layer(tcls, c, opt, dtype, rng)
     if channels_last:
         bn = xbn.BatchNorm(c, axis=-1, **opt["layer"], backend=backend.name, dtype=dtype)
     else:
@@ -124,12 +144,9 @@ def run_parity(backend, kind, option, dtype, seed, steps=3, big=False):
         got, want = to_numpy(got), want.detach().numpy() if hasattr(want, "detach") else want
         assert got.shape == tuple(want.shape), (what, got.shape, want.shape)
         assert str(got.dtype) == dtype, (what, got.dtype)
-        plain = rel_err(got, want)
-        denom = max(float(np.max(np.abs(want), initial=0.0)), scale)
-        e = plain * float(np.max(np.abs(want), initial=0.0)) / denom if denom > 0 else plain
+        e = assert_close(got, want, TOL[dtype], f"{kind}/{option}/{dtype}: {what}", scale=scale)
         errs[what] = max(errs.get(what, 0.0), e)
-        errs[what + " (plain)"] = max(errs.get(what + " (plain)", 0.0), plain)
-        assert e <= TOL[dtype], f"{kind}/{option}/{dtype}: {what} relative error {e:.3e} > {TOL[dtype]:.0e}"
+        errs[what + " (plain)"] = max(errs.get(what + " (plain)", 0.0), rel_err(got, want))
 
     modes = [False] + [True] * steps + [False] if opt.get("eval_first") else [True] * steps + [False]
     for training in modes:
@@ -145,12 +162,7 @@ def run_parity(backend, kind, option, dtype, seed, steps=3, big=False):
         # torch first: its in-place updates must not reach the xbn layer
         if topt is not None:
             topt.zero_grad()
-        xt = torch.tensor(x, requires_grad=True)
-        xin = torch.movedim(xt, -1, 1) if channels_last else xt
-        yt = tbn(xin)
-        if channels_last:
-            yt = torch.movedim(yt, 1, -1)
-        (yt * torch.from_numpy(dy)).sum().backward()
+        yt, xt_grad = _torch_forward_backward(tbn, x, dy, channels_last)
         if topt is not None:
             xopt.zero_grad()
         y = bn(to_backend(backend, x))
@@ -162,9 +174,9 @@ def run_parity(backend, kind, option, dtype, seed, steps=3, big=False):
             # compared on the scale of its leading term gamma * invstd * dy
             w = f64(tbn.weight) if tbn.affine else np.ones(c)
             inv = ref.forward(x, axis=-1 if channels_last else 1, eps=tbn.eps)["invstd"]
-            check("dx", dx, xt.grad, scale=float(np.abs(w * inv).max() * np.abs(dy).max()))
+            check("dx", dx, xt_grad, scale=float(np.abs(w * inv).max() * np.abs(dy).max()))
         else:
-            check("dx", dx, xt.grad)
+            check("dx", dx, xt_grad)
         if tbn.affine:
             check("dgamma", bn.weight.grad, tbn.weight.grad)
             check("dbeta", bn.bias.grad, tbn.bias.grad)
@@ -188,9 +200,46 @@ def run_parity(backend, kind, option, dtype, seed, steps=3, big=False):
         h = to_numpy(sd[k])
         assert h.dtype == v.numpy().dtype and h.shape == tuple(v.shape), k
         np.testing.assert_allclose(h, v.numpy(), rtol=TOL[dtype] * 10, atol=0)
-    tbn2 = tcls(c, **opt["layer"], dtype=tdt)
+    tbn2 = tcls(c, **opt["layer"], dtype=getattr(torch, dtype))
     tbn2.load_state_dict({k: torch.from_numpy(to_numpy(v)) for k, v in sd.items()})
     return errs
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_reference_matches_torch(kind, option, training):
+    """xbn._reference, which every tier and ``xbn parity`` are measured against, is torch's
+    BatchNorm in float64: y, dx, dgamma, dbeta, running statistics and num_batches_tracked."""
+    tcls, rank, channels_last = KINDS[kind]
+    opt = OPTIONS[option]
+    rng = np.random.default_rng(list(KINDS).index(kind) * 100 + list(OPTIONS).index(option))
+    c = 3
+    tbn = _torch_layer(tcls, c, opt, "float64", rng).train(training)
+    before = {k: v.numpy().copy() for k, v in tbn.state_dict().items()}  # torch updates in place
+    shape = (8, c) if rank == 2 else (4, c, *[3] * (rank - 2))
+    x, dy = _well_conditioned(rng, shape), rng.normal(size=shape)
+    if channels_last:
+        x, dy = np.moveaxis(x, 1, -1), np.moveaxis(dy, 1, -1)
+    yt, xt_grad = _torch_forward_backward(tbn, x, dy, channels_last)
+
+    want = ref.layer_step(
+        x, dy, axis=-1 if channels_last else 1, weight=before.get("weight"), bias=before.get("bias"),
+        running_mean=before.get("running_mean"), running_var=before.get("running_var"),
+        num_batches_tracked=int(before.get("num_batches_tracked", 0)), training=training,
+        eps=tbn.eps, momentum=tbn.momentum,
+    )
+    got = {"y": yt, "dx": xt_grad}
+    if tbn.affine:
+        got["dgamma"], got["dbeta"] = tbn.weight.grad, tbn.bias.grad
+    if training and tbn.track_running_stats:
+        got["running_mean"], got["running_var"] = tbn.running_mean, tbn.running_var
+        got["num_batches_tracked"] = int(tbn.num_batches_tracked)
+    assert set(want) == set(got)
+    assert want.pop("num_batches_tracked", None) == got.pop("num_batches_tracked", None)
+    case = f"{kind}/{option}/{'train' if training else 'eval'}"
+    for key, value in want.items():
+        assert_close(to_numpy(got[key]), value, 1e-12, f"{case}: {key}")
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

@@ -2,10 +2,11 @@
 
 The matrix is backends x dtypes x layouts x modes. Each case builds a layer on the backend, loads
 the same random parameters and running statistics, runs forward and backward, and compares y,
-dx, dgamma, dbeta and the updated running statistics with a float64 reference computed here
-directly from PyTorch's formulas (independent of :mod:`xbn.functional`). The reference sees the
-input already rounded to the case's dtype, so only the computation's error is measured. The
-command exits 1 if any case exceeds its dtype's tolerance.
+dx, dgamma, dbeta and the updated running statistics with the float64 reference of
+:mod:`xbn._reference` (PyTorch's formulas, independent of :mod:`xbn.functional`; the test suite
+checks it against torch). The reference sees the input already rounded to the case's dtype, so
+only the computation's error is measured. The command exits 1 if any case exceeds its dtype's
+tolerance.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from . import backends
-from .layers import BatchNorm, _to_host
+from ._reference import layer_step, rel_err, to_numpy
+from .layers import BatchNorm
 
 #: Largest allowed relative error (max |got - ref| / max |ref|) per input dtype.
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-2}
@@ -56,62 +58,6 @@ class CaseResult:
     @property
     def passed(self) -> bool:
         return self.error is None and self.worst <= self.tolerance
-
-
-def reference(
-    x: np.ndarray,
-    dy: np.ndarray,
-    axis: int,
-    *,
-    weight: np.ndarray | None,
-    bias: np.ndarray | None,
-    running_mean: np.ndarray | None,
-    running_var: np.ndarray | None,
-    training: bool,
-    eps: float,
-    momentum: float,
-) -> dict[str, np.ndarray]:
-    """float64 forward, backward and running-stat update, straight from PyTorch's definitions."""
-    axes = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
-    shape = [1] * x.ndim
-    shape[axis] = x.shape[axis]
-
-    def bc(v: np.ndarray) -> np.ndarray:
-        return v.reshape(shape)
-
-    m = x.size // x.shape[axis]
-    batch = training or running_mean is None
-    if batch:
-        mean = x.mean(axis=axes)
-        var = ((x - bc(mean)) ** 2).mean(axis=axes)
-    else:
-        mean, var = running_mean, running_var
-    inv = 1.0 / np.sqrt(var + eps)
-    g = np.ones_like(mean) if weight is None else weight
-    b = np.zeros_like(mean) if bias is None else bias
-    xhat = (x - bc(mean)) * bc(inv)
-    out = {"y": xhat * bc(g) + bc(b)}
-    sum_dy = dy.sum(axis=axes)
-    sum_dy_xmu = (dy * (x - bc(mean))).sum(axis=axes)
-    if batch:
-        out["dx"] = bc(g * inv) * (dy - bc(sum_dy) / m - (x - bc(mean)) * bc(inv**2 * sum_dy_xmu) / m)
-    else:
-        out["dx"] = dy * bc(g * inv)
-    if weight is not None:
-        out["dgamma"] = sum_dy_xmu * inv
-        out["dbeta"] = sum_dy
-    if training and running_mean is not None:
-        out["running_mean"] = (1 - momentum) * running_mean + momentum * mean
-        out["running_var"] = (1 - momentum) * running_var + momentum * var * m / (m - 1)
-    return out
-
-
-def _rel_err(got: np.ndarray, ref: np.ndarray) -> float:
-    got = np.asarray(got, dtype=np.float64)
-    scale = max(float(np.max(np.abs(ref))), 1e-30)
-    if not np.all(np.isfinite(got)):
-        return float("inf")
-    return float(np.max(np.abs(got - ref))) / scale
 
 
 def _dtypes_of(b: backends.Backend) -> list[str]:
@@ -155,24 +101,31 @@ def run_case(b: backends.Backend, dtype: str, layout: str, mode: str, seed: int)
             v = state.get(name)
             return None if v is None else v.astype(np.float64)
 
-        ref = reference(
-            _to_host(xp.astype(x, xp.float32 if dtype in ("float16", "bfloat16") else x.dtype), "x").astype(np.float64),
-            _to_host(xp.astype(dy, xp.float32 if dtype in ("float16", "bfloat16") else dy.dtype), "dy").astype(np.float64),
-            axis, weight=f64("weight"), bias=f64("bias"), running_mean=f64("running_mean"),
-            running_var=f64("running_var"), training=training, eps=bn.eps, momentum=momentum,
+        def rounded(a: Any) -> np.ndarray:
+            """The case's input as the backend holds it, in float64 (via float32: NumPy has no bfloat16)."""
+            if dtype in ("float16", "bfloat16"):
+                a = xp.astype(a, xp.float32)
+            return to_numpy(a).astype(np.float64)
+
+        ref = layer_step(
+            rounded(x), rounded(dy), axis=axis, weight=f64("weight"), bias=f64("bias"),
+            running_mean=f64("running_mean"), running_var=f64("running_var"),
+            training=training, eps=bn.eps, momentum=momentum,
         )
         got = {"y": y, "dx": dx}
         if affine:
             got["dgamma"], got["dbeta"] = bn.weight.grad, bn.bias.grad  # type: ignore[union-attr]
         if "running_mean" in ref:
             got["running_mean"], got["running_var"] = bn.running_mean, bn.running_var
-        for key, r in ref.items():
+        for key in QUANTITIES:
+            if key not in ref:
+                continue
             g = got[key]
             if dtype == "bfloat16" and g.dtype != xp.float32:  # NumPy has no bfloat16
                 g = xp.astype(g, xp.float32)
-            res.errors[key] = _rel_err(_to_host(g, key), r)
+            res.errors[key] = rel_err(to_numpy(g), ref[key])
         if tracking and not training and (
-            not np.array_equal(_to_host(bn.running_mean, "rm"), state["running_mean"])
+            not np.array_equal(to_numpy(bn.running_mean), state["running_mean"])
         ):
             res.error = "eval forward changed the running mean"
     except Exception as e:  # a crash is a failed case, reported in the table
