@@ -8,7 +8,7 @@ import pytest
 import xbn
 from xbn import _reference as ref
 from xbn import functional as F
-from xbn._reference import assert_close, to_numpy
+from xbn._reference import assert_close, rel_err, to_numpy
 
 from reference import to_backend
 
@@ -240,3 +240,31 @@ def test_bfloat16_input(backend):
                  2e-2, "dx")
     em, _, _ = ref.update_running(np.zeros(3), np.ones(3), x_rounded, axis=1)
     assert_close(to_numpy(bn.running_mean), em, 1e-5, "running_mean")
+
+
+# -- the error measure every comparison uses ------------------------------------------------------
+
+
+def test_assert_close_reports_the_error_where_it_is_and_the_tolerance():
+    want = np.array([[1.0, -2.0], [4.0, 0.5]])
+    got = want.copy()
+    got[1, 0] = 4.004
+    assert assert_close(got, want, 1e-3, "dx") == pytest.approx(1e-3)  # relative to max|want| = 4
+    with pytest.raises(AssertionError, match=r"^dx: max relative error 1\.000e-03 > tolerance 1\.0e-04, "
+                                             r"at index \(1, 0\): got 4\.004, reference 4\.0 "):
+        assert_close(got, want, 1e-4, "dx")
+    got[0, 1] = np.nan
+    assert rel_err(got, want) == np.inf
+    with pytest.raises(AssertionError, match=r"^dx: 1 non-finite values, the first at index \(0, 1\)"):
+        assert_close(got, want, 1.0, "dx")
+    with pytest.raises(AssertionError, match=r"shape \(2, 2\), reference shape \(4,\)"):
+        assert_close(want, want.ravel(), 1.0)
+
+
+def test_rel_err_scales():
+    want = np.array([0.0, 2.0, -0.5])
+    assert rel_err(want + 0.02, want) == pytest.approx(0.01)
+    assert rel_err(want + 0.02, want, scale=20.0) == pytest.approx(0.001)  # a larger scale wins
+    assert rel_err(want + 0.02, want, scale=0.5) == pytest.approx(0.01)
+    assert rel_err(np.full(3, 1e-3), np.zeros(3)) == pytest.approx(1e-3)  # all zeros: absolute
+    assert rel_err(np.zeros((0, 3)), np.zeros((0, 3))) == 0.0
