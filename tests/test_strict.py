@@ -147,21 +147,42 @@ def test_move_between_devices():
 @pytest.mark.parametrize("api_version", ["2023.12", "2024.12"])
 def test_older_standard_versions_and_strict_flags(api_version):
     """Nothing relies on features newer than the 2023.12 standard, boolean indexing, or
-    data-dependent shapes."""
+    data-dependent shapes: a training and an eval step give the reference's values."""
+    rng = np.random.default_rng(6)
+    x64, dy64 = rng.normal(size=(2, 4, 3)), rng.normal(size=(2, 4, 3))
     with xs.ArrayAPIStrictFlags(api_version=api_version, boolean_indexing=False,
                                 data_dependent_shapes=False):
         bn = xbn.BatchNorm(3, axis=-1, backend="array_api_strict", device="device1")
-        x = _on(np.random.default_rng(6).normal(size=(2, 4, 3)), "device1", xs.float32)
-        y = bn(x)
-        bn.backward(y)
+        x, dy = _on(x64, "device1", xs.float32), _on(dy64, "device1", xs.float32)
+        y_train = bn(x)
+        dx_train = bn.backward(dy)
         bn.eval()
-        bn.backward(bn(x))
+        y_eval = bn(x)
+        dx_eval = bn.backward(dy)
+        before = snapshot(bn)
         bn.load_state_dict(bn.state_dict())
+        assert snapshot(bn) == before
+    # the reference sees the inputs as the layer did, rounded to float32
+    x64, dy64 = to_numpy(x).astype(np.float64), to_numpy(dy).astype(np.float64)
+    assert_close(to_numpy(y_train), ref.forward(x64, axis=-1)["y"], 1e-5, "train y")
+    assert_close(to_numpy(dx_train), ref.backward(dy64, x64, axis=-1)["dx"], 1e-4, "train dx")
+    rm, rv, _ = ref.update_running(np.zeros(3), np.ones(3), x64, axis=-1)
+    assert_close(to_numpy(bn.running_mean), rm, 1e-5, "running_mean")
+    assert_close(to_numpy(bn.running_var), rv, 1e-5, "running_var")
+    stats = dict(axis=-1, running_mean=rm, running_var=rv, use_batch_stats=False)
+    assert_close(to_numpy(y_eval), ref.forward(x64, **stats)["y"], 1e-5, "eval y")
+    assert_close(to_numpy(dx_eval), ref.backward(dy64, x64, **stats)["dx"], 1e-4, "eval dx")
 
 
 def test_float64_layer_on_a_device_without_float64_fails_at_construction():
     with pytest.raises(ValueError, match="does not support dtype"):
         xbn.BatchNorm1d(3, backend="array_api_strict", device="no_float64", dtype="float64")
     bn = xbn.BatchNorm1d(3, backend="array_api_strict", device="no_float64")  # float32 works
-    x = _on(np.random.default_rng(7).normal(size=(4, 3)), "no_float64", xs.float32)
-    bn.backward(bn(x))
+    rng = np.random.default_rng(7)
+    x = _on(rng.normal(size=(4, 3)), "no_float64", xs.float32)
+    dy = _on(rng.normal(size=(4, 3)), "no_float64", xs.float32)
+    y = bn(x)
+    dx = bn.backward(dy)
+    x64, dy64 = to_numpy(x).astype(np.float64), to_numpy(dy).astype(np.float64)
+    assert_close(to_numpy(y), ref.forward(x64, axis=1)["y"], 1e-5, "y")
+    assert_close(to_numpy(dx), ref.backward(dy64, x64, axis=1)["dx"], 1e-4, "dx")
