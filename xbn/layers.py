@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from . import _arrays
+from . import _arrays, ghost
 from . import functional as F
 from .module import BackwardBeforeForwardError, Module, Parameter
 
@@ -42,6 +42,8 @@ class SavedForward:
     weight: Array | None
     batch_stats_used: bool
     axis: int
+    #: what a variant's own backward needs beside these (ghost groups, renorm's r and d)
+    extra: Any = None
 
 
 class BatchNorm(Module):
@@ -90,6 +92,8 @@ class BatchNorm(Module):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
+        virtual_batch_size: int | None = None,
+        frozen: bool = False,
         backend: Any = "auto",
         device: Any = None,
         dtype: Any = "float32",
@@ -109,6 +113,11 @@ class BatchNorm(Module):
                 raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
         affine = _arrays.check_bool("affine", affine)
         track_running_stats = _arrays.check_bool("track_running_stats", track_running_stats)
+        if virtual_batch_size is not None:
+            virtual_batch_size = _arrays.check_positive_int("virtual_batch_size", virtual_batch_size)
+            if axis == 0:
+                raise ValueError("virtual_batch_size splits axis 0, so the channel axis cannot be 0")
+        _check_frozen(frozen, track_running_stats)
         self._init_backend(backend, device, dtype)
 
         self.num_features = num_features
@@ -117,6 +126,8 @@ class BatchNorm(Module):
         self.momentum = None if momentum is None else float(momentum)
         self.affine = affine
         self.track_running_stats = track_running_stats
+        self.virtual_batch_size = virtual_batch_size
+        self._frozen = bool(frozen)
 
         xp, c, dev, dt = self.xp, num_features, self.device, self._dtype
         self.register_parameter("weight", Parameter(xp.ones((c,), dtype=dt, device=dev)) if affine else None)
@@ -128,6 +139,20 @@ class BatchNorm(Module):
             self.register_buffer("num_batches_tracked", 0)
         else:  # no state_dict entry, as in torch; the attribute stays an int for the contract
             self.num_batches_tracked = 0
+
+    @property
+    def frozen(self) -> bool:
+        """Normalize with the running statistics and never update them, in training mode too.
+
+        For fine-tuning: gamma and beta still learn (with the eval-mode backward), and unlike
+        ``eval()`` the setting survives a recursive ``model.train()``.
+        """
+        return self._frozen
+
+    @frozen.setter
+    def frozen(self, value: bool) -> None:
+        _check_frozen(value, self.track_running_stats)
+        self._frozen = bool(value)
 
     @property
     def gamma(self) -> Parameter | None:
@@ -143,35 +168,24 @@ class BatchNorm(Module):
 
     def forward(self, x: Array, training: bool | None = None) -> Array:
         """Normalize ``x``; ``training`` overrides ``self.training`` for this call."""
-        training = _arrays.check_training_flag(training, self.training)
-        x = _arrays.check_array(self._backend, x, "input")
-        xp, ops = self.xp, self._backend.ops
-        if not xp.isdtype(x.dtype, "real floating"):
-            raise TypeError(f"input must have a real floating dtype, got {x.dtype}")
-        axis = _arrays.check_channels(x, self.num_features, self.axis, self._valid_ndims, type(self).__name__)
-        use_batch_stats = training or self.running_mean is None
-        count = F.values_per_channel(tuple(x.shape), axis)
-        if use_batch_stats and count == 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
-            )
+        call = self._check_forward(x, training)
+        x, axis, xp = call.x, call.axis, self.xp
         w = self.weight.data if self.weight is not None else None
         b = self.bias.data if self.bias is not None else None
 
-        if count == 0:
+        if call.count == 0:
             # An empty batch has no statistics: return an empty output and change no state.
-            self._save_for_backward(SavedForward(x, None, None, w, use_batch_stats, axis))
+            self._save_for_backward(SavedForward(x, None, None, w, call.batch_stats, axis))
             return xp.empty_like(x)
 
-        update = training and self.running_mean is not None
-        if use_batch_stats:
+        extra = None
+        if call.batch_stats:
             nbt = self.num_batches_tracked + 1
             m = 1.0 / nbt if self.momentum is None else self.momentum
-            y, mean, inv, new_mean, new_var = ops.batch_norm_forward(
-                x, w, b, self.running_mean if update else None,
-                self.running_var if update else None, axis=axis, eps=self.eps, momentum=m,
+            y, mean, inv, new_mean, new_var, extra = self._train_forward(
+                x, w, b, axis=axis, momentum=m, update=call.update
             )
-            if update:  # last, after everything succeeded
+            if call.update:  # last, after everything succeeded
                 self.running_mean, self.running_var = _arrays.detach(new_mean), _arrays.detach(new_var)
                 self.num_batches_tracked = nbt
         else:
@@ -179,9 +193,67 @@ class BatchNorm(Module):
             mean = xp.astype(self.running_mean, cdt)
             inv = F.invstd(xp.astype(self.running_var, cdt), eps=self.eps, xp=xp)
             # no var=: running statistics mark no constant channel, x need not equal their mean
-            y = F.normalize(x, mean, inv, w, b, axis=axis, xp=xp, ops=ops)
-        self._save_for_backward(SavedForward(x, mean, inv, w, use_batch_stats, axis))
+            y = F.normalize(x, mean, inv, w, b, axis=axis, xp=xp, ops=self._backend.ops)
+        self._save_for_backward(SavedForward(x, mean, inv, w, call.batch_stats, axis, extra))
         return y
+
+    def _check_forward(self, x: Array, training: bool | None) -> ForwardCall:
+        """Every check of a forward call, and what it decides; changes nothing."""
+        training = _arrays.check_training_flag(training, self.training)
+        x = _arrays.check_array(self._backend, x, "input")
+        if not self.xp.isdtype(x.dtype, "real floating"):
+            raise TypeError(f"input must have a real floating dtype, got {x.dtype}")
+        axis = _arrays.check_channels(x, self.num_features, self.axis, self._valid_ndims, type(self).__name__)
+        batch_stats = (training and not self._frozen) or self.running_mean is None
+        count = F.values_per_channel(tuple(x.shape), axis)
+        if batch_stats:
+            self._check_batch(tuple(x.shape), axis)
+        return ForwardCall(x, axis, batch_stats, batch_stats and training and self.running_mean is not None, count)
+
+    def _check_batch(self, shape: tuple[int, ...], axis: int) -> None:
+        """The batch must give statistics: more than one value per channel (per ghost batch)."""
+        count = F.values_per_channel(shape, axis)
+        vbs, note = self.virtual_batch_size, ""
+        if vbs is not None and count > 0:
+            if axis == 0:
+                raise ValueError("virtual_batch_size splits axis 0, which is the channel axis here")
+            smallest = shape[0] % vbs or min(vbs, shape[0])  # the last ghost batch may be smaller
+            count = count // shape[0] * smallest
+            note = f" (its smallest ghost batch has {smallest} of {shape[0]} samples)"
+        if count == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {shape}{note}"
+            )
+
+    def _train_forward(
+        self, x: Array, w: Array | None, b: Array | None, *, axis: int, momentum: float, update: bool
+    ) -> tuple[Array, Array, Array, Array | None, Array | None, Any]:
+        """Normalize with batch statistics: (y, mean, invstd, new running mean, var, extra).
+
+        The one piece a variant replaces (ghost batches here; renorm, SyncBatchNorm elsewhere);
+        ``extra`` goes to :meth:`_train_backward` in the saved forward.
+        """
+        vbs = self.virtual_batch_size
+        if vbs is not None and x.shape[0] > vbs:
+            return ghost.forward(
+                x, w, b, self.running_mean if update else None, self.running_var if update else None,
+                axis=axis, eps=self.eps, momentum=momentum, group=vbs, xp=self.xp,
+            )
+        y, mean, inv, new_mean, new_var = self._backend.ops.batch_norm_forward(
+            x, w, b, self.running_mean if update else None, self.running_var if update else None,
+            axis=axis, eps=self.eps, momentum=momentum,
+        )
+        return y, mean, inv, new_mean, new_var, None
+
+    def _train_backward(self, dy: Array, saved: SavedForward) -> tuple[Array, Array | None, Array | None]:
+        """(dx, dgamma, dbeta) of a forward that used batch statistics."""
+        if isinstance(saved.extra, ghost.Groups):
+            return ghost.backward(dy, saved.x, saved.mean, saved.invstd, saved.weight,
+                                  axis=saved.axis, groups=saved.extra, xp=self.xp)
+        return self._backend.ops.batch_norm_backward(
+            dy, saved.x, saved.mean, saved.invstd, saved.weight, axis=saved.axis,
+            batch_stats_used=True, need_param_grads=self.affine,
+        )
 
     def backward(self, dy: Array) -> Array:
         """Gradient of the last forward: returns dx and adds dgamma, dbeta to the grads.
@@ -198,10 +270,12 @@ class BatchNorm(Module):
             dx = xp.empty_like(dy)
             dgamma, dbeta = (xp.zeros((self.num_features,), dtype=self._dtype, device=self.device)
                              for _ in range(2))
+        elif saved.batch_stats_used:
+            dx, dgamma, dbeta = self._train_backward(dy, saved)
         else:
             dx, dgamma, dbeta = self._backend.ops.batch_norm_backward(
                 dy, saved.x, saved.mean, saved.invstd, saved.weight, axis=saved.axis,
-                batch_stats_used=saved.batch_stats_used, need_param_grads=self.affine,
+                batch_stats_used=False, need_param_grads=self.affine,
             )
         if self.weight is not None and self.bias is not None:
             self._accumulate_grad(self.weight, dgamma)
@@ -210,11 +284,31 @@ class BatchNorm(Module):
         return dx
 
     def extra_repr(self) -> str:
-        return (
+        options = (
             f"{self.num_features}, axis={self.axis}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-            f"backend={self.backend!r}"
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
         )
+        if self.virtual_batch_size is not None:
+            options += f", virtual_batch_size={self.virtual_batch_size}"
+        if self._frozen:
+            options += ", frozen=True"
+        return options + f", backend={self.backend!r}"
+
+
+@dataclass(frozen=True)
+class ForwardCall:
+    """What the checks of one forward call decided."""
+
+    x: Array  # the input as a plain array of the backend
+    axis: int  # channel axis, non-negative
+    batch_stats: bool  # normalize with the batch's statistics (else the running ones)
+    update: bool  # move the running statistics
+    count: int  # values per channel
+
+
+def _check_frozen(frozen: Any, track_running_stats: bool) -> None:
+    if _arrays.check_bool("frozen", frozen) and not track_running_stats:
+        raise ValueError("frozen=True needs running statistics (track_running_stats=True)")
 
 
 class _BatchNormNd(BatchNorm):
@@ -228,13 +322,16 @@ class _BatchNormNd(BatchNorm):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
+        virtual_batch_size: int | None = None,
+        frozen: bool = False,
         backend: Any = "auto",
         device: Any = None,
         dtype: Any = "float32",
     ) -> None:
         super().__init__(
             num_features, axis=1, eps=eps, momentum=momentum, affine=affine,
-            track_running_stats=track_running_stats, backend=backend, device=device, dtype=dtype,
+            track_running_stats=track_running_stats, virtual_batch_size=virtual_batch_size,
+            frozen=frozen, backend=backend, device=device, dtype=dtype,
         )
 
 
