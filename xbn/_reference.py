@@ -40,10 +40,8 @@ __all__ = [
 # -- measuring an error --------------------------------------------------------------------------
 
 
-def to_numpy(a: Any) -> np.ndarray | None:
+def to_numpy(a: Any) -> np.ndarray:
     """A NumPy copy of an array of any tier (NumPy, torch, array-api-strict on any device, CuPy)."""
-    if a is None:
-        return None
     mod = type(a).__module__
     if mod.startswith("cupy"):
         return a.get()
@@ -94,16 +92,18 @@ def assert_close(got: Any, want: Any, tol: float, what: str = "", *, scale: floa
     bad = ~np.isfinite(got)
     if np.any(bad):
         where = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise AssertionError(f"{label}{int(bad.sum())} non-finite values, the first at index {where} "
-                             f"(got {float(got[where])!r}, reference {float(want[where])!r})")
+        raise AssertionError(
+            f"{label}{int(bad.sum())} non-finite values, the first at index {where} "
+            f"(got {float(got[where])!r}, reference {float(want[where])!r})"
+        )
     err = rel_err(got, want, scale=scale)
     if not err <= tol:
-        where = np.unravel_index(int(np.argmax(np.abs(got - want))), got.shape)
-        where = tuple(int(i) for i in where)
+        where = tuple(int(i) for i in np.unravel_index(int(np.argmax(np.abs(got - want))), got.shape))
         raise AssertionError(
             f"{label}max relative error {err:.3e} > tolerance {tol:.1e}, at index {where}: "
             f"got {float(got[where])!r}, reference {float(want[where])!r} "
-            f"(error relative to {_error_scale(want, scale):.3e})")
+            f"(error relative to {_error_scale(want, scale):.3e})"
+        )
     return err
 
 
@@ -127,8 +127,9 @@ def batch_mean_var(x: Any, axis: int) -> tuple[np.ndarray, np.ndarray]:
     return mean, (xmu**2).mean(axis=_reduction_axes(x.ndim, axis))
 
 
-def _stats(x: np.ndarray, axis: int, running_mean: Any, running_var: Any,
-           use_batch_stats: bool) -> tuple[np.ndarray, np.ndarray]:
+def _stats(
+    x: np.ndarray, axis: int, running_mean: Any, running_var: Any, use_batch_stats: bool
+) -> tuple[np.ndarray, np.ndarray]:
     if use_batch_stats:
         return batch_mean_var(x, axis)
     return np.asarray(running_mean, dtype=np.float64), np.asarray(running_var, dtype=np.float64)
@@ -237,8 +238,13 @@ def layer_step(
     """
     tracking = running_mean is not None
     use_batch_stats = training or not tracking
-    stats = dict(axis=axis, eps=eps, running_mean=running_mean, running_var=running_var,
-                 use_batch_stats=use_batch_stats)
+    stats = dict(
+        axis=axis,
+        eps=eps,
+        running_mean=running_mean,
+        running_var=running_var,
+        use_batch_stats=use_batch_stats,
+    )
     out: dict[str, Any] = {"y": forward(x, weight=weight, bias=bias, **stats)["y"]}
     grads = backward(dy, x, weight=weight, **stats)
     out["dx"] = grads["dx"]
@@ -246,6 +252,11 @@ def layer_step(
         out["dgamma"], out["dbeta"] = grads["dgamma"], grads["dbeta"]
     if training and tracking:
         out["running_mean"], out["running_var"], out["num_batches_tracked"] = update_running(
-            running_mean, running_var, x, axis=axis, momentum=momentum,
-            num_batches_tracked=num_batches_tracked)
+            running_mean,
+            running_var,
+            x,
+            axis=axis,
+            momentum=momentum,
+            num_batches_tracked=num_batches_tracked,
+        )
     return out
