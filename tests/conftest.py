@@ -42,7 +42,7 @@ def selected_backends(config: pytest.Config) -> list[str]:
         names = [n for n in env.split(",") if n.strip()] or ["numpy"]
     out: list[str] = []
     for n in names:
-        for name in (ALL if n.strip() == "all" else (n.strip(),)):
+        for name in ALL if n.strip() == "all" else (n.strip(),):
             if name not in ALL:
                 raise pytest.UsageError(f"unknown backend {name!r}; expected one of {ALL} or 'all'")
             if name not in out:

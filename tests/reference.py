@@ -47,7 +47,12 @@ def to_backend(backend: Any, a: Any) -> Any:
     return backend.xp.asarray(np.asarray(a), device=backend.device)
 
 
-def rand(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any = np.float64,
-         loc: float = 0.0, scale: float = 1.0) -> np.ndarray:
+def rand(
+    rng: np.random.Generator,
+    shape: tuple[int, ...],
+    dtype: Any = np.float64,
+    loc: float = 0.0,
+    scale: float = 1.0,
+) -> np.ndarray:
     """Well-conditioned random data: N(loc, scale), cast to ``dtype``."""
     return rng.normal(loc, scale, size=shape).astype(dtype)

@@ -19,8 +19,7 @@ def test_info_lists_versions_and_backends(capsys):
 
 def test_parity_passes_on_cpu_backends_and_writes_json(tmp_path, capsys):
     out_json = tmp_path / "parity.json"
-    rc = cli.main(["parity", "--backend", "numpy", "--backend", "array_api_strict",
-                   "--json", str(out_json)])
+    rc = cli.main(["parity", "--backend", "numpy", "--backend", "array_api_strict", "--json", str(out_json)])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "0 failed" in out
@@ -35,12 +34,14 @@ def test_parity_passes_on_cpu_backends_and_writes_json(tmp_path, capsys):
 
 def test_parity_fails_when_a_fast_path_is_off_by_a_little(monkeypatch, capsys):
     monkeypatch.delenv("XBN_FORCE_GENERIC", raising=False)
+
     def off_by_1e4(x, scale, shift, /, *, axis, xp=None):
         return xbn.functional.scale_shift(x, scale * (1 + 1e-4), shift, axis=axis, xp=xp)
 
     backends.registered_kernels("numpy")
-    monkeypatch.setitem(backends._KERNELS, "numpy", {**backends._KERNELS.get("numpy", {}),
-                                                     "scale_shift": off_by_1e4})
+    monkeypatch.setitem(
+        backends._KERNELS, "numpy", {**backends._KERNELS.get("numpy", {}), "scale_shift": off_by_1e4}
+    )
     rc = cli.main(["parity", "--backend", "numpy", "--layout", "NC", "--mode", "train"])
     out = capsys.readouterr().out
     assert rc == 1
@@ -51,6 +52,7 @@ def test_parity_fails_when_a_fast_path_is_off_by_a_little(monkeypatch, capsys):
 
 def test_parity_reports_a_crash_as_a_failed_case(monkeypatch):
     monkeypatch.delenv("XBN_FORCE_GENERIC", raising=False)
+
     def broken(x, /, *, axis, xp=None):
         raise RuntimeError("kernel exploded")
 
@@ -62,7 +64,6 @@ def test_parity_reports_a_crash_as_a_failed_case(monkeypatch):
 
 
 def test_console_script_entry_point_runs():
-    proc = subprocess.run([sys.executable, "-m", "xbn", "info"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "xbn", "info"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "backends" in proc.stdout

@@ -103,11 +103,16 @@ def test_eval_backward(backend, shape, axis, dtype, need_param_grads):
     rv = rng.uniform(0.5, 2.0, c).astype(dtype)
     inv = F.invstd(to_backend(backend, rv), eps=1e-5)
     dx, dgamma, dbeta = F.batch_norm_backward(
-        to_backend(backend, dy), to_backend(backend, x), to_backend(backend, rm), inv,
-        to_backend(backend, w), axis=axis, batch_stats_used=False, need_param_grads=need_param_grads,
+        to_backend(backend, dy),
+        to_backend(backend, x),
+        to_backend(backend, rm),
+        inv,
+        to_backend(backend, w),
+        axis=axis,
+        batch_stats_used=False,
+        need_param_grads=need_param_grads,
     )
-    g = ref.backward(dy, x, axis=axis, weight=w, running_mean=rm, running_var=rv,
-                     use_batch_stats=False)
+    g = ref.backward(dy, x, axis=axis, weight=w, running_mean=rm, running_var=rv, use_batch_stats=False)
     assert_close(to_numpy(dx), g["dx"], TOL[dtype] * 10, "dx")
     if need_param_grads:
         assert_close(to_numpy(dgamma), g["dgamma"], TOL[dtype] * 10, "dgamma")
@@ -139,8 +144,9 @@ def test_updated_running_stats(backend, momentum):
     rng = np.random.default_rng(3)
     rm0, rv0 = rng.normal(size=3), rng.uniform(0.5, 2, 3)
     mean, var = F.batch_stats(to_backend(backend, x), axis=axis)
-    nm, nv = F.updated_running_stats(to_backend(backend, rm0), to_backend(backend, rv0), mean, var,
-                                     count=20, momentum=momentum)
+    nm, nv = F.updated_running_stats(
+        to_backend(backend, rm0), to_backend(backend, rv0), mean, var, count=20, momentum=momentum
+    )
     em, ev, _ = ref.update_running(rm0, rv0, x, axis=axis, momentum=momentum)
     assert_close(to_numpy(nm), em, 1e-12, "running_mean")
     assert_close(to_numpy(nv), ev, 1e-12, "running_var")

@@ -49,8 +49,14 @@ def test_finite_differences(backend, cls, kw, shape, axis, mode):
     r = rng.normal(size=shape)
     w = rng.uniform(0.5, 1.5, c)
     b = rng.normal(size=c)
-    bn = cls(c, **kw, eps=1e-3, backend=backend.name, dtype="float64",
-             track_running_stats=(mode != "untracked-eval"))
+    bn = cls(
+        c,
+        **kw,
+        eps=1e-3,
+        backend=backend.name,
+        dtype="float64",
+        track_running_stats=(mode != "untracked-eval"),
+    )
     if mode == "eval":
         bn.running_mean = to_backend(backend, rng.normal(size=c))
         bn.running_var = to_backend(backend, rng.uniform(0.5, 2.0, c))

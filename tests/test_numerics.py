@@ -130,8 +130,7 @@ def test_constant_channel_functional(backend):
     mean, var = F.batch_stats(X, axis=1)
     np.testing.assert_array_equal(to_numpy(mean), x[0, :, 0])
     np.testing.assert_array_equal(to_numpy(var), np.zeros(3, np.float32))
-    y, _, _ = F.batch_norm_train(X, None, to_backend(backend, np.array([1.0, 2.0, 3.0], np.float32)),
-                                 axis=1)
+    y, _, _ = F.batch_norm_train(X, None, to_backend(backend, np.array([1.0, 2.0, 3.0], np.float32)), axis=1)
     np.testing.assert_array_equal(to_numpy(y), np.broadcast_to(np.array([1.0, 2.0, 3.0])[:, None], x.shape))
 
 
@@ -236,8 +235,9 @@ def test_bfloat16_input(backend):
     assert dx.dtype == bf16 and bn.weight.grad.dtype == xp.float32
     dy_rounded = to_numpy(xp.astype(DY, xp.float32)).astype(np.float64)
     assert_close(to_numpy(xp.astype(y, xp.float32)), ref.forward(x_rounded, axis=1)["y"], 2e-2, "y")
-    assert_close(to_numpy(xp.astype(dx, xp.float32)), ref.backward(dy_rounded, x_rounded, axis=1)["dx"],
-                 2e-2, "dx")
+    assert_close(
+        to_numpy(xp.astype(dx, xp.float32)), ref.backward(dy_rounded, x_rounded, axis=1)["dx"], 2e-2, "dx"
+    )
     em, _, _ = ref.update_running(np.zeros(3), np.ones(3), x_rounded, axis=1)
     assert_close(to_numpy(bn.running_mean), em, 1e-5, "running_mean")
 
@@ -250,8 +250,11 @@ def test_assert_close_reports_the_error_where_it_is_and_the_tolerance():
     got = want.copy()
     got[1, 0] = 4.004
     assert assert_close(got, want, 1e-3, "dx") == pytest.approx(1e-3)  # relative to max|want| = 4
-    with pytest.raises(AssertionError, match=r"^dx: max relative error 1\.000e-03 > tolerance 1\.0e-04, "
-                                             r"at index \(1, 0\): got 4\.004, reference 4\.0 "):
+    with pytest.raises(
+        AssertionError,
+        match=r"^dx: max relative error 1\.000e-03 > tolerance 1\.0e-04, "
+        r"at index \(1, 0\): got 4\.004, reference 4\.0 ",
+    ):
         assert_close(got, want, 1e-4, "dx")
     got[0, 1] = np.nan
     assert rel_err(got, want) == np.inf

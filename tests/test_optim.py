@@ -32,8 +32,9 @@ def _grad(p, k, target, curv):
     return curv * (p - target) + 0.1 * np.sin(k + np.arange(p.size))
 
 
-def _reference_sgd(p0, steps, target, curv, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                   nesterov=False):
+def _reference_sgd(
+    p0, steps, target, curv, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False
+):
     """The update as torch documents it, in float64."""
     p, buf, out = p0.copy(), None, []
     for k in range(steps):
@@ -160,18 +161,24 @@ def test_training_a_layer_reduces_a_loss(backend):
     assert_close(to_numpy(bn.bias.data), beta_t, 1e-4)
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(lr=-0.1), ValueError, "lr must be >= 0, got -0.1"),
-    (dict(lr=0.1, momentum=-0.5), ValueError, "momentum must be >= 0, got -0.5"),
-    (dict(lr=0.1, dampening=-1), ValueError, "dampening must be >= 0, got -1"),
-    (dict(lr=0.1, weight_decay=-1e-4), ValueError, "weight_decay must be >= 0, got -0.0001"),
-    (dict(lr="0.1"), TypeError, "lr must be a real number, got str"),
-    (dict(lr=True), TypeError, "lr must be a real number, got bool"),
-    (dict(lr=0.1, momentum=None), TypeError, "momentum must be a real number, got NoneType"),
-    (dict(lr=0.1, nesterov=True), ValueError, "Nesterov momentum requires a momentum > 0"),
-    (dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True), ValueError,
-     "Nesterov momentum requires a momentum > 0 and zero dampening"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(lr=-0.1), ValueError, "lr must be >= 0, got -0.1"),
+        (dict(lr=0.1, momentum=-0.5), ValueError, "momentum must be >= 0, got -0.5"),
+        (dict(lr=0.1, dampening=-1), ValueError, "dampening must be >= 0, got -1"),
+        (dict(lr=0.1, weight_decay=-1e-4), ValueError, "weight_decay must be >= 0, got -0.0001"),
+        (dict(lr="0.1"), TypeError, "lr must be a real number, got str"),
+        (dict(lr=True), TypeError, "lr must be a real number, got bool"),
+        (dict(lr=0.1, momentum=None), TypeError, "momentum must be a real number, got NoneType"),
+        (dict(lr=0.1, nesterov=True), ValueError, "Nesterov momentum requires a momentum > 0"),
+        (
+            dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True),
+            ValueError,
+            "Nesterov momentum requires a momentum > 0 and zero dampening",
+        ),
+    ],
+)
 def test_bad_arguments(backend, kwargs, exc, match):
     p = xbn.Parameter(to_backend(backend, np.ones(2)))
     with pytest.raises(exc, match=match):
@@ -179,7 +186,7 @@ def test_bad_arguments(backend, kwargs, exc, match):
 
 
 def test_params_must_be_parameters(backend):
-    with pytest.raises(TypeError, match="params must be xbn.Parameter objects, got"):
+    with pytest.raises(TypeError, match=r"params must be xbn\.Parameter objects, got"):
         SGD([to_backend(backend, np.ones(2))], lr=0.1)
 
 

@@ -17,8 +17,12 @@ from xbn._reference import assert_close, to_numpy
 
 from reference import to_backend
 
-SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 
 @st.composite
@@ -30,7 +34,7 @@ def layouts(draw, max_rank=5):
     m = int(np.prod(shape)) // shape[axis]
     if m < 2:  # make room for batch statistics on the first non-channel axis
         other = 0 if axis % rank != 0 else 1
-        shape = shape[:other] + (2,) + shape[other + 1:]
+        shape = shape[:other] + (2,) + shape[other + 1 :]
     return shape, axis, draw(st.integers(0, 2**32 - 1))
 
 

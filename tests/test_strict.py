@@ -50,8 +50,9 @@ def test_functional_on_device(device):
     g = ref.backward(dy, x, axis=1, weight=w)
     assert_close(to_numpy(dx), g["dx"], 1e-12)
     assert_close(to_numpy(dgamma), g["dgamma"], 1e-12)
-    rm, rv = F.updated_running_stats(_on(np.zeros(3), device), _on(np.ones(3), device), mean, var,
-                                     count=20, momentum=0.1)
+    rm, rv = F.updated_running_stats(
+        _on(np.zeros(3), device), _on(np.ones(3), device), mean, var, count=20, momentum=0.1
+    )
     assert rm.device == rv.device == xs.Device(device)
 
 
@@ -102,11 +103,17 @@ def test_input_on_another_device_is_a_type_error():
     bn(_on(np.random.default_rng(3).normal(size=(4, 3)), "device1", xs.float32))
     before = snapshot(bn)
     x_cpu = _on(np.ones((4, 3)), "CPU_DEVICE", xs.float32)
-    with pytest.raises(TypeError, match=r"input is on device .*CPU_DEVICE.*, but the layer lives on "
-                                        r"device .*device1"):
+    with pytest.raises(
+        TypeError,
+        match=r"input is on device .*CPU_DEVICE.*, but the layer lives on "
+        r"device .*device1",
+    ):
         bn(x_cpu)
-    with pytest.raises(TypeError, match=r"dy is on device .*CPU_DEVICE.*, but the layer lives on "
-                                        r"device .*device1"):
+    with pytest.raises(
+        TypeError,
+        match=r"dy is on device .*CPU_DEVICE.*, but the layer lives on "
+        r"device .*device1",
+    ):
         bn.backward(x_cpu)
     assert snapshot(bn) == before
     bn.backward(_on(np.ones((4, 3)), "device1", xs.float32))  # the cached forward is intact
@@ -118,8 +125,9 @@ def test_numpy_array_to_strict_layer_is_a_type_error():
         bn(np.ones((4, 3), np.float32))
 
 
-@pytest.mark.parametrize("src,dst", [("device1", "CPU_DEVICE"), ("CPU_DEVICE", "device1"),
-                                     ("device1", "device1")])
+@pytest.mark.parametrize(
+    "src,dst", [("device1", "CPU_DEVICE"), ("CPU_DEVICE", "device1"), ("device1", "device1")]
+)
 def test_load_state_dict_across_devices(src, dst):
     a = xbn.BatchNorm1d(3, backend="array_api_strict", device=src, momentum=0.5)
     a(_on(np.random.default_rng(4).normal(2.0, 3.0, size=(6, 3)), src, xs.float32))
@@ -150,8 +158,7 @@ def test_older_standard_versions_and_strict_flags(api_version):
     data-dependent shapes: a training and an eval step give the reference's values."""
     rng = np.random.default_rng(6)
     x64, dy64 = rng.normal(size=(2, 4, 3)), rng.normal(size=(2, 4, 3))
-    with xs.ArrayAPIStrictFlags(api_version=api_version, boolean_indexing=False,
-                                data_dependent_shapes=False):
+    with xs.ArrayAPIStrictFlags(api_version=api_version, boolean_indexing=False, data_dependent_shapes=False):
         bn = xbn.BatchNorm(3, axis=-1, backend="array_api_strict", device="device1")
         x, dy = _on(x64, "device1", xs.float32), _on(dy64, "device1", xs.float32)
         y_train = bn(x)

@@ -35,6 +35,7 @@ def _one_torch_thread():
 def f64(t):
     return t.detach().numpy().astype(np.float64)
 
+
 TOL = {"float64": 1e-10, "float32": 1e-5}
 
 # kind: (torch class, input rank, channels-last)
@@ -52,10 +53,13 @@ OPTIONS = {
     "defaults": dict(layer={}, sgd=dict(lr=0.1)),
     "cma-momentum": dict(layer=dict(momentum=None), sgd=dict(lr=0.05, momentum=0.9), nbt=2),
     "affine-off": dict(layer=dict(affine=False), sgd=None),
-    "untracked-nesterov": dict(layer=dict(track_running_stats=False),
-                               sgd=dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)),
-    "eps-dampening": dict(layer=dict(momentum=0.3, eps=1e-3),
-                          sgd=dict(lr=0.2, momentum=0.5, dampening=0.3, weight_decay=0.05)),
+    "untracked-nesterov": dict(
+        layer=dict(track_running_stats=False),
+        sgd=dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    ),
+    "eps-dampening": dict(
+        layer=dict(momentum=0.3, eps=1e-3), sgd=dict(lr=0.2, momentum=0.5, dampening=0.3, weight_decay=0.05)
+    ),
     "plain": dict(layer=dict(affine=False, track_running_stats=False), sgd=None),
     "eval-first": dict(layer=dict(momentum=0.7), sgd=dict(lr=0.1, weight_decay=0.1), eval_first=True),
 }
@@ -224,10 +228,17 @@ def test_reference_matches_torch(kind, option, training):
     yt, xt_grad = _torch_forward_backward(tbn, x, dy, channels_last)
 
     want = ref.layer_step(
-        x, dy, axis=-1 if channels_last else 1, weight=before.get("weight"), bias=before.get("bias"),
-        running_mean=before.get("running_mean"), running_var=before.get("running_var"),
-        num_batches_tracked=int(before.get("num_batches_tracked", 0)), training=training,
-        eps=tbn.eps, momentum=tbn.momentum,
+        x,
+        dy,
+        axis=-1 if channels_last else 1,
+        weight=before.get("weight"),
+        bias=before.get("bias"),
+        running_mean=before.get("running_mean"),
+        running_var=before.get("running_var"),
+        num_batches_tracked=int(before.get("num_batches_tracked", 0)),
+        training=training,
+        eps=tbn.eps,
+        momentum=tbn.momentum,
     )
     got = {"y": yt, "dx": xt_grad}
     if tbn.affine:
@@ -251,8 +262,15 @@ def test_parity(backend, kind, option, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("kind,option", [("1d-NC", "cma-momentum"), ("2d", "eps-dampening"),
-                                         ("2d-NHWC", "defaults"), ("3d-NDHWC", "untracked-nesterov")])
+@pytest.mark.parametrize(
+    "kind,option",
+    [
+        ("1d-NC", "cma-momentum"),
+        ("2d", "eps-dampening"),
+        ("2d-NHWC", "defaults"),
+        ("3d-NDHWC", "untracked-nesterov"),
+    ],
+)
 def test_parity_larger_batches(backend, kind, option, dtype):
     """Up to ~16 x 8 x 8 x 8 values per channel: longer reductions than the random small shapes."""
     run_parity(backend, kind, option, dtype, seed=1000 + len(kind) + len(option), steps=2, big=True)
@@ -263,7 +281,12 @@ def test_defaults_match_torch(backend):
         tbn = tcls(3)
         bn = getattr(xbn, tcls.__name__)(3, backend=backend.name)
         assert (bn.eps, bn.momentum, bn.affine, bn.track_running_stats, bn.training) == (
-            tbn.eps, tbn.momentum, tbn.affine, tbn.track_running_stats, tbn.training)
+            tbn.eps,
+            tbn.momentum,
+            tbn.affine,
+            tbn.track_running_stats,
+            tbn.training,
+        )
         for k, v in tbn.state_dict().items():
             h = to_numpy(bn.state_dict()[k])
             assert h.dtype == v.numpy().dtype and h.shape == tuple(v.shape)

@@ -76,8 +76,15 @@ def run_case(b: backends.Backend, dtype: str, layout: str, mode: str, seed: int)
     training = mode != "eval"
     momentum = 0.1
     try:
-        bn = BatchNorm(c, axis=axis, affine=affine, track_running_stats=tracking,
-                       momentum=momentum, backend=b, dtype=param_dtype)
+        bn = BatchNorm(
+            c,
+            axis=axis,
+            affine=affine,
+            track_running_stats=tracking,
+            momentum=momentum,
+            backend=b,
+            dtype=param_dtype,
+        )
         state: dict[str, np.ndarray] = {}
         if affine:
             state["weight"] = rng.uniform(0.5, 1.5, c).astype(param_dtype)
@@ -90,7 +97,8 @@ def run_case(b: backends.Backend, dtype: str, layout: str, mode: str, seed: int)
         bn.train(training)
 
         x_host = rng.normal(0.5, 2.0, shape) + rng.normal(0, 1, c).reshape(
-            [c if i == axis % len(shape) else 1 for i in range(len(shape))])
+            [c if i == axis % len(shape) else 1 for i in range(len(shape))]
+        )
         dy_host = rng.normal(0, 1, shape)
         x = xp.astype(xp.asarray(x_host, device=dev), getattr(xp, dtype))
         dy = xp.astype(xp.asarray(dy_host, device=dev), getattr(xp, dtype))
@@ -108,9 +116,16 @@ def run_case(b: backends.Backend, dtype: str, layout: str, mode: str, seed: int)
             return to_numpy(a).astype(np.float64)
 
         ref = layer_step(
-            rounded(x), rounded(dy), axis=axis, weight=f64("weight"), bias=f64("bias"),
-            running_mean=f64("running_mean"), running_var=f64("running_var"),
-            training=training, eps=bn.eps, momentum=momentum,
+            rounded(x),
+            rounded(dy),
+            axis=axis,
+            weight=f64("weight"),
+            bias=f64("bias"),
+            running_mean=f64("running_mean"),
+            running_var=f64("running_var"),
+            training=training,
+            eps=bn.eps,
+            momentum=momentum,
         )
         got = {"y": y, "dx": dx}
         if affine:
@@ -124,8 +139,10 @@ def run_case(b: backends.Backend, dtype: str, layout: str, mode: str, seed: int)
             if dtype == "bfloat16" and g.dtype != xp.float32:  # NumPy has no bfloat16
                 g = xp.astype(g, xp.float32)
             res.errors[key] = rel_err(to_numpy(g), ref[key])
-        if tracking and not training and (
-            not np.array_equal(to_numpy(bn.running_mean), state["running_mean"])
+        if (
+            tracking
+            and not training
+            and (not np.array_equal(to_numpy(bn.running_mean), state["running_mean"]))
         ):
             res.error = "eval forward changed the running mean"
     except Exception as e:  # a crash is a failed case, reported in the table
@@ -134,8 +151,12 @@ def run_case(b: backends.Backend, dtype: str, layout: str, mode: str, seed: int)
 
 
 def run_matrix(
-    names: list[str], *, dtypes: list[str] | None = None, layouts: list[str] | None = None,
-    modes: list[str] | None = None, seed: int = 0,
+    names: list[str],
+    *,
+    dtypes: list[str] | None = None,
+    layouts: list[str] | None = None,
+    modes: list[str] | None = None,
+    seed: int = 0,
 ) -> tuple[list[CaseResult], dict[str, str]]:
     """Run every case; returns the results and {backend: reason} for backends that cannot run."""
     results, skipped = [], {}
@@ -170,9 +191,13 @@ def format_table(results: list[CaseResult]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", action="append", default=None,
-                        help="backend to check; repeatable (default: every known backend, "
-                             "those that cannot run here are listed as skipped)")
+    parser.add_argument(
+        "--backend",
+        action="append",
+        default=None,
+        help="backend to check; repeatable (default: every known backend, "
+        "those that cannot run here are listed as skipped)",
+    )
     parser.add_argument("--dtype", action="append", choices=list(TOLERANCE), default=None)
     parser.add_argument("--layout", action="append", choices=list(LAYOUTS), default=None)
     parser.add_argument("--mode", action="append", choices=list(MODES), default=None)
@@ -183,18 +208,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     names = args.backend or list(backends.KNOWN_BACKENDS)
     t0 = time.perf_counter()
-    results, skipped = run_matrix(names, dtypes=args.dtype, layouts=args.layout,
-                                  modes=args.mode, seed=args.seed)
+    results, skipped = run_matrix(
+        names, dtypes=args.dtype, layouts=args.layout, modes=args.mode, seed=args.seed
+    )
     print(format_table(results))
     for name, reason in skipped.items():
         print(f"skipped {name}: {reason}")
     failed = [r for r in results if not r.passed]
-    print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed "
-          f"({len(skipped)} backends skipped) in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"\n{len(results) - len(failed)} passed, {len(failed)} failed "
+        f"({len(skipped)} backends skipped) in {time.perf_counter() - t0:.1f} s"
+    )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"results": [asdict(r) | {"passed": r.passed} for r in results],
-                       "skipped": skipped}, fh, indent=1)
+            json.dump(
+                {"results": [asdict(r) | {"passed": r.passed} for r in results], "skipped": skipped},
+                fh,
+                indent=1,
+            )
     if not results:
         print("no case ran: no requested backend is usable here", file=sys.stderr)
         return 1
