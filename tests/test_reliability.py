@@ -142,3 +142,15 @@ def test_byte_order_mismatch_is_named():
     with pytest.raises(ValueError, match="only the byte order differs"):
         bn.backward(np.ones((8, 3), dtype=">f4"))
     bn.backward(np.ones((8, 3), np.float32))
+
+
+def test_tiny_eps_constant_channel_gives_finite_dx(backend):
+    # inv = 1e15: k_dy * inv * inv overflows float32 unless the zero sum_dy_xmu comes in first.
+    x = np.full((4, 2), 3.0, np.float32)
+    x[:, 1] = [1, 2, 3, 4]
+    bn = xbn.BatchNorm1d(2, eps=1e-30, backend=backend.xp)
+    y = bn(to_backend(backend, x))
+    np.testing.assert_array_equal(to_numpy(y)[:, 0], np.zeros(4, np.float32))
+    dx = to_numpy(bn.backward(to_backend(backend, np.tile(np.float32([1, 2]), (4, 1)))))
+    assert np.isfinite(dx).all()
+    np.testing.assert_array_equal(dx[:, 0], np.zeros(4, np.float32))  # torch gives 0 here too

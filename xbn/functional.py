@@ -233,7 +233,9 @@ def backward_coefficients(
     """
     xp = _ns(xp, sum_dy, inv)
     k_dy = _weight_times(inv, weight, xp)
-    k_xmu = -k_dy * inv * inv * sum_dy_xmu / count
+    # inv * (inv * ...) from the inside out: with a tiny eps a constant channel has a huge inv and
+    # sum_dy_xmu == 0, and k_dy * inv * inv would overflow to inf before the product with 0 (NaN).
+    k_xmu = -k_dy * (inv * (inv * (sum_dy_xmu / count)))
     k_const = -k_dy * sum_dy / count
     return k_dy, k_xmu, k_const
 
