@@ -40,11 +40,12 @@ import array_api_compat
 import numpy as np
 
 from . import _arrays
+from ._conv import Conv2d, Flatten, GlobalAvgPool2d
 from .module import Module, Parameter
 
 Array = Any
 
-__all__ = ["Linear", "ReLU", "Sequential", "softmax_cross_entropy"]
+__all__ = ["Linear", "ReLU", "Sequential", "softmax_cross_entropy", "Conv2d", "GlobalAvgPool2d", "Flatten"]
 
 
 class Linear(Module):

@@ -1,0 +1,345 @@
+"""The pieces a small convnet needs around :class:`xbn.BatchNorm2d`: Conv2d, GlobalAvgPool2d, Flatten.
+
+A support layer for the demo and the examples, not a convolution library: one formulation
+(im2col with a matmul), NCHW only, no dilation or groups. Written once against the Python Array
+API, so it runs on NumPy, CuPy, PyTorch tensors and array-api-strict alike, and it follows the
+layer protocol of :mod:`xbn.nn`: ``forward(x, training=None)`` saves what ``backward(dy)`` needs,
+``backward`` returns dx and accumulates the parameter gradients.
+
+How the convolution is computed: for each of the kh*kw kernel offsets, one strided slice of the
+zero-padded input gives that offset's input value for every output pixel at once. Stacked, they
+form the columns ``(N, C*kh*kw, Ho*Wo)``, and one batched matmul with the weight viewed as
+``(out, C*kh*kw)`` gives the output directly in NCHW order. The backward is the same in reverse:
+one tensordot for dW, one batched matmul for the column gradients, and kh*kw strided
+slice-additions to scatter them back. The only Python loops run over kernel offsets.
+
+Examples
+--------
+>>> import numpy as np, xbn
+>>> from xbn.nn import Conv2d, Flatten, GlobalAvgPool2d, Linear, ReLU, Sequential
+>>> net = Sequential(
+...     Conv2d(1, 4, 3, padding=1, backend="numpy", seed=0), xbn.BatchNorm2d(4, backend="numpy"), ReLU(),
+...     GlobalAvgPool2d(), Flatten(), Linear(4, 10, backend="numpy", seed=1))
+>>> x = np.random.default_rng(0).normal(size=(5, 1, 8, 8)).astype(np.float32)
+>>> net(x).shape
+(5, 10)
+>>> net.backward(np.ones((5, 10), dtype=np.float32)).shape
+(5, 1, 8, 8)
+>>> list(net.state_dict())[:2]
+['0.weight', '0.bias']
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+from . import _arrays
+from .backends import Backend
+from .module import Module, Parameter
+
+Array = Any
+
+__all__ = ["Conv2d", "GlobalAvgPool2d", "Flatten"]
+
+
+def _pair(name: str, value: Any, *, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each >= ``minimum``, as a pair (torch's kernel_size/stride/padding)."""
+    if _arrays.is_int(value):
+        items: tuple[Any, ...] = (value, value)
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(_arrays.is_int(v) for v in value):
+        items = tuple(value)
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if any(v < minimum for v in items):
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(items[0]), int(items[1])
+
+
+class Conv2d(Module):
+    """2-D cross-correlation over NCHW inputs, as ``torch.nn.Conv2d`` with dilation 1 and groups 1.
+
+    The weight has torch's shape ``(out_channels, in_channels, kh, kw)`` and the state_dict has
+    torch's keys (``weight``, ``bias``), so state dicts interchange with ``torch.nn.Conv2d``.
+    Initialized as torch initializes it: weight and bias uniform in +-1/sqrt(fan_in) with
+    fan_in = in_channels*kh*kw (Kaiming-uniform with a=sqrt(5)), drawn with NumPy on the host in
+    float64 from ``rng`` or ``seed``, weight first, then cast to ``dtype`` and moved.
+
+    Parameters
+    ----------
+    in_channels, out_channels
+        Channels of the input and of the output.
+    kernel_size
+        kh and kw: an int or a pair.
+    stride
+        Step between output pixels: an int or a pair, each >= 1.
+    padding
+        Zeros added on both sides of H and W: an int or a pair, each >= 0.
+    bias
+        Whether to add a learnable per-channel bias.
+    backend, device, dtype, rng, seed
+        As for :class:`xbn.nn.Linear`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from xbn.nn import Conv2d
+    >>> conv = Conv2d(3, 8, 3, stride=2, padding=1, backend="numpy", seed=0)
+    >>> conv
+    Conv2d(3, 8, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), bias=True, backend='numpy')
+    >>> y = conv(np.ones((2, 3, 9, 9), dtype=np.float32))
+    >>> y.shape, conv.weight.shape
+    ((2, 8, 5, 5), (8, 3, 3, 3))
+    >>> dx = conv.backward(np.ones_like(y))
+    >>> dx.shape, conv.weight.grad.shape, conv.bias.grad.shape
+    ((2, 3, 9, 9), (8, 3, 3, 3), (8,))
+    """
+
+    _backend: Backend  # always set: __init__ resolves it before anything else
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        *,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        bias: bool = True,
+        backend: Any = "auto",
+        device: Any = None,
+        dtype: Any = "float32",
+        rng: np.random.Generator | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        in_channels = _arrays.check_positive_int("in_channels", in_channels)
+        out_channels = _arrays.check_positive_int("out_channels", out_channels)
+        kernel = _pair("kernel_size", kernel_size, minimum=1)
+        strides = _pair("stride", stride, minimum=1)
+        pads = _pair("padding", padding, minimum=0)
+        bias = _arrays.check_bool("bias", bias)
+        if rng is not None and seed is not None:
+            raise ValueError("give rng or seed, not both")
+        if rng is not None and not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        self._init_backend(backend, device, dtype)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel, strides, pads
+        if rng is None:
+            rng = np.random.default_rng(seed)
+        fan_in = in_channels * kernel[0] * kernel[1]
+        bound = 1.0 / math.sqrt(fan_in)
+        xp, dev, dt = self.xp, self.device, self._dtype
+        w = rng.uniform(-bound, bound, size=(out_channels, in_channels, *kernel))
+        self.weight = Parameter(xp.asarray(w, dtype=dt, device=dev))
+        b = rng.uniform(-bound, bound, size=(out_channels,)) if bias else None
+        self.register_parameter("bias", None if b is None else Parameter(xp.asarray(b, dtype=dt, device=dev)))
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+        """(N, out_channels, Ho, Wo) for an input of shape (N, in_channels, H, W); checks it."""
+        shape = tuple(int(s) for s in input_shape)
+        if len(shape) != 4 or shape[1] != self.in_channels:
+            raise ValueError(f"expected input of shape (N, {self.in_channels}, H, W), got {shape}")
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        h, w = shape[2] + 2 * ph, shape[3] + 2 * pw
+        if h < kh or w < kw:
+            raise ValueError(
+                f"input of spatial size {shape[2:]} with padding {self.padding} is smaller than "
+                f"the kernel {self.kernel_size}"
+            )
+        return shape[0], self.out_channels, (h - kh) // sh + 1, (w - kw) // sw + 1
+
+    def _padded(self, x: Array) -> Array:
+        ph, pw = self.padding
+        if ph == 0 and pw == 0:
+            return x
+        xp = self.xp
+        n, c, h, w = x.shape
+        # zeros plus a slice assignment: the standard has no pad()
+        out = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=x.dtype, device=self.device)
+        out[:, :, ph : ph + h, pw : pw + w] = x
+        return out
+
+    def _offsets(self, ho: int, wo: int) -> list[tuple[slice, slice]]:
+        """Per kernel offset (row-major, as the weight's last two axes), the rows and columns of
+        the padded input that it meets, one per output pixel."""
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        return [
+            (slice(i, i + sh * (ho - 1) + 1, sh), slice(j, j + sw * (wo - 1) + 1, sw))
+            for i in range(kh)
+            for j in range(kw)
+        ]
+
+    def forward(self, x: Array, training: bool | None = None) -> Array:
+        """The convolution of ``x`` (N, C, H, W); ``training`` is accepted for the layer protocol
+        and has no effect."""
+        _arrays.check_training_flag(training, self.training)
+        x = _arrays.check_array(self._backend, x, "input")
+        n, o, ho, wo = self.output_shape(tuple(x.shape))
+        if x.dtype != self._dtype:
+            raise TypeError(f"input dtype {x.dtype} does not match the layer's dtype {self._dtype}")
+        xp = self.xp
+        xpad = self._padded(x)
+        # (N, C, kh*kw, Ho, Wo) -> (N, C*kh*kw, Ho*Wo): C-major, offset-minor, as in the weight
+        cols = xp.stack([xpad[:, :, rows, columns] for rows, columns in self._offsets(ho, wo)], axis=2)
+        cols = xp.reshape(cols, (n, -1, ho * wo))
+        w2 = xp.reshape(self.weight.data, (o, -1))
+        # (O, CK) @ (N, CK, L) broadcasts to (N, O, L): NCHW without a transpose
+        y = xp.matmul(w2, cols)
+        if self.bias is not None:
+            y = y + self.bias.data[:, None]
+        self._save_for_backward((cols, tuple(x.shape), (ho, wo)))
+        return xp.reshape(y, (n, o, ho, wo))
+
+    def backward(self, dy: Array) -> Array:
+        """dx of the last forward; accumulates dW and db into ``weight.grad`` and ``bias.grad``."""
+        cols, x_shape, (ho, wo) = self._saved_for_backward()
+        dy = _arrays.check_array(self._backend, dy, "dy")
+        n, c, h, w = x_shape
+        expected = (n, self.out_channels, ho, wo)
+        if tuple(dy.shape) != expected or dy.dtype != cols.dtype:
+            raise ValueError(
+                f"dy must have shape {expected} and dtype {cols.dtype}, "
+                f"got shape {tuple(dy.shape)} and dtype {dy.dtype}"
+            )
+        xp = self.xp
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        dy3 = xp.reshape(dy, (n, self.out_channels, ho * wo))
+        w2 = xp.reshape(self.weight.data, (self.out_channels, -1))
+        dcols = xp.matmul(xp.matrix_transpose(w2), dy3)  # (N, CK, L)
+        dcols = xp.reshape(dcols, (n, c, kh * kw, ho, wo))
+        dxpad = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=dy.dtype, device=self.device)
+        # Offsets overlap when the stride is below the kernel size: each addition reads what the
+        # ones before it wrote, so the sum is complete.
+        for k, (rows, columns) in enumerate(self._offsets(ho, wo)):
+            dxpad[:, :, rows, columns] = dxpad[:, :, rows, columns] + dcols[:, :, k, :, :]
+        dx = dxpad[:, :, ph : ph + h, pw : pw + w] if ph or pw else dxpad
+        dw = xp.tensordot(dy3, cols, axes=([0, 2], [0, 2]))  # (O, CK)
+        self._accumulate_grad(self.weight, xp.reshape(dw, tuple(self.weight.data.shape)))
+        if self.bias is not None:
+            self._accumulate_grad(self.bias, xp.sum(dy3, axis=(0, 2)))
+        self._release_saved()
+        return dx
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}, "
+            f"backend={self.backend!r}"
+        )
+
+
+def _check_input(x: Any, what: str) -> Any:
+    """The namespace of ``x``, which must be an array of a real floating dtype."""
+    try:
+        xp = array_api_compat.array_namespace(x)
+    except TypeError:
+        raise TypeError(f"{what} must be an array, got {_arrays.describe(x)}") from None
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(f"{what} must have a real floating dtype, got {x.dtype}")
+    return xp
+
+
+class GlobalAvgPool2d(Module):
+    """The mean over H and W of an (N, C, H, W) input, as (N, C, 1, 1).
+
+    ``torch.nn.AdaptiveAvgPool2d(1)``, keeping torch's shape: follow it with :class:`Flatten` for
+    a classifier. Holds no arrays, so it follows its input's namespace and device.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from xbn.nn import GlobalAvgPool2d
+    >>> pool = GlobalAvgPool2d()
+    >>> pool(np.arange(8.0).reshape(1, 2, 2, 2)).ravel().tolist()
+    [1.5, 5.5]
+    >>> pool.backward(np.ones((1, 2, 1, 1))).ravel().tolist()
+    [0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25]
+    """
+
+    def forward(self, x: Array, training: bool | None = None) -> Array:
+        _arrays.check_training_flag(training, self.training)
+        xp = _check_input(x, "input")
+        if x.ndim != 4 or x.shape[2] * x.shape[3] == 0:
+            raise ValueError(f"expected a non-empty (N, C, H, W) input, got shape {tuple(x.shape)}")
+        self._save_for_backward((tuple(x.shape), x.dtype))
+        return xp.mean(x, axis=(2, 3), keepdims=True)
+
+    def backward(self, dy: Array) -> Array:
+        shape, dtype = self._saved_for_backward()
+        xp = _check_input(dy, "dy")
+        expected = (shape[0], shape[1], 1, 1)
+        if tuple(dy.shape) != expected or dy.dtype != dtype:
+            raise ValueError(
+                f"dy must have shape {expected} and dtype {dtype}, "
+                f"got shape {tuple(dy.shape)} and dtype {dy.dtype}"
+            )
+        # Written out rather than broadcast_to, whose NumPy result is a read-only view.
+        dx = xp.zeros(shape, dtype=dtype, device=array_api_compat.device(dy)) + dy / (shape[2] * shape[3])
+        self._release_saved()
+        return dx
+
+
+class Flatten(Module):
+    """Axes ``start_dim`` to ``end_dim`` merged into one, as ``torch.nn.Flatten`` (default: all but N).
+
+    Holds no arrays, so it follows its input's namespace and device.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from xbn.nn import Flatten
+    >>> flat = Flatten()
+    >>> flat(np.zeros((2, 3, 1, 1))).shape
+    (2, 3)
+    >>> flat.backward(np.ones((2, 3))).shape
+    (2, 3, 1, 1)
+    """
+
+    def __init__(self, *, start_dim: int = 1, end_dim: int = -1) -> None:
+        super().__init__()
+        for name, value in (("start_dim", start_dim), ("end_dim", end_dim)):
+            if not _arrays.is_int(value):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        self.start_dim, self.end_dim = int(start_dim), int(end_dim)
+
+    def forward(self, x: Array, training: bool | None = None) -> Array:
+        _arrays.check_training_flag(training, self.training)
+        try:
+            xp = array_api_compat.array_namespace(x)
+        except TypeError:
+            raise TypeError(f"input must be an array, got {_arrays.describe(x)}") from None
+        shape = tuple(x.shape)
+        ndim, lo, hi = len(shape), self.start_dim, self.end_dim
+        if not (-ndim <= lo < ndim and -ndim <= hi < ndim):
+            raise ValueError(
+                f"start_dim={lo} and end_dim={hi} must both lie in [{-ndim}, {ndim - 1}] for an "
+                f"input of shape {shape}"
+            )
+        lo, hi = lo % ndim, hi % ndim
+        if lo > hi:
+            raise ValueError(
+                f"start_dim={self.start_dim} comes after end_dim={self.end_dim} for input shape {shape}"
+            )
+        out_shape = (*shape[:lo], math.prod(shape[lo : hi + 1]), *shape[hi + 1 :])
+        self._save_for_backward((shape, out_shape))
+        return xp.reshape(x, out_shape)
+
+    def backward(self, dy: Array) -> Array:
+        shape, out_shape = self._saved_for_backward()
+        try:
+            xp = array_api_compat.array_namespace(dy)
+        except TypeError:
+            raise TypeError(f"dy must be an array, got {_arrays.describe(dy)}") from None
+        if tuple(dy.shape) != out_shape:
+            raise ValueError(f"dy must have shape {out_shape}, got {tuple(dy.shape)}")
+        dx = xp.reshape(dy, shape)
+        self._release_saved()
+        return dx
+
+    def extra_repr(self) -> str:
+        return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
