@@ -50,7 +50,8 @@ def _kernel_helpers() -> tuple[ModuleType, ModuleType]:
     if "xbn" not in sys.modules:
         for name, folder in (("xbn", ROOT / "xbn"), ("xbn.kernels", ROOT / "xbn" / "kernels")):
             spec = importlib.util.spec_from_file_location(
-                name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+                name, folder / "__init__.py", submodule_search_locations=[str(folder)]
+            )
             assert spec is not None
             sys.modules[name] = importlib.util.module_from_spec(spec)
     return importlib.import_module("xbn.kernels._launch"), importlib.import_module("xbn.kernels._source")
@@ -128,20 +129,28 @@ def parse_ptxas(log: str) -> dict[str, dict[str, int]]:
         m = _ENTRY.search(line)
         if m:
             current = m.group(1)
-            out[current] = {"registers": -1, "barriers": 0, "smem": 0, "stack": 0,
-                            "spill_stores": 0, "spill_loads": 0}
+            out[current] = {
+                "registers": -1,
+                "barriers": 0,
+                "smem": 0,
+                "stack": 0,
+                "spill_stores": 0,
+                "spill_loads": 0,
+            }
             continue
         if current is None:
             continue
         m = _FRAME.search(line)
         if m:
-            out[current].update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
-                                spill_loads=int(m.group(3)))
+            out[current].update(
+                stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3))
+            )
             continue
         m = _USED.search(line)
         if m:
-            out[current].update(registers=int(m.group(1)), barriers=int(m.group(2) or 0),
-                                smem=int(m.group(3) or 0))
+            out[current].update(
+                registers=int(m.group(1)), barriers=int(m.group(2) or 0), smem=int(m.group(3) or 0)
+            )
     return out
 
 
@@ -160,8 +169,7 @@ def planned_kernels(key: str) -> set[str]:
     vector width vector_width() can return for that dtype's item size."""
     itemsize = {"f32": 4, "f64": 8, "f16": 2, "bf16": 2}[key]
     widths = {1} | {n // itemsize for n in _launch.VECTOR_BYTES if n // itemsize > 1}
-    return {f"xbn_{op}_{kind}_v{w}" for op in _launch.OPS for kind in ("ncl", "nlc")
-            for w in widths}
+    return {f"xbn_{op}_{kind}_v{w}" for op in _launch.OPS for kind in ("ncl", "nlc") for w in widths}
 
 
 def compile_one(nvrtc, source: str, key: str, arch: str):
@@ -202,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             expected = set(_source.kernel_names(source, key))
             defined[key] |= expected
             for arch in archs:
-                error, log, cubin, options = compile_one(nvrtc, source, key, arch)
+                error, log, cubin, _options = compile_one(nvrtc, source, key, arch)
                 tag = f"{source} [{key}, {arch}]"
                 if error is not None:
                     failures.append(f"{tag}: compile failed: {error}\n{log}")
@@ -219,14 +227,18 @@ def main(argv: list[str] | None = None) -> int:
                     flag = ""
                     if s["spill_stores"] or s["spill_loads"]:
                         flag = "  SPILL"
-                        failures.append(f"{tag} {name}: spills {s['spill_stores']} bytes stores, "
-                                        f"{s['spill_loads']} bytes loads")
+                        failures.append(
+                            f"{tag} {name}: spills {s['spill_stores']} bytes stores, "
+                            f"{s['spill_loads']} bytes loads"
+                        )
                     if s["stack"]:
                         flag += "  STACK"
                         failures.append(f"{tag} {name}: {s['stack']} bytes stack frame (local memory)")
-                    print(f"{arch}  {key:4s}  {name:30s}  {s['registers']:3d} regs  "
-                          f"{s['smem']:6d} B smem  {s['stack']} B stack  "
-                          f"{s['spill_stores']}/{s['spill_loads']} B spill st/ld{flag}")
+                    print(
+                        f"{arch}  {key:4s}  {name:30s}  {s['registers']:3d} regs  "
+                        f"{s['smem']:6d} B smem  {s['stack']} B stack  "
+                        f"{s['spill_stores']}/{s['spill_loads']} B spill st/ld{flag}"
+                    )
                     report.append({"source": source, "dtype": key, "arch": arch, "kernel": name, **s})
                 if cubin <= 0:
                     failures.append(f"{tag}: empty cubin")
@@ -234,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in _source.DTYPE_KEYS:
         unknown = planned_kernels(key) - defined[key]
         if unknown:
-            failures.append(f"[{key}] the launch planner names kernels no source defines: "
-                            f"{sorted(unknown)}")
+            failures.append(f"[{key}] the launch planner names kernels no source defines: {sorted(unknown)}")
 
     fused = [r for r in report if "_fused_" in str(r["kernel"])]
     if fused:
@@ -243,22 +254,34 @@ def main(argv: list[str] | None = None) -> int:
         print("\nfused epilogue, registers vs the plain twin:")
         for r in fused:
             twin = plain.get((r["dtype"], r["arch"], str(r["kernel"]).replace("_fused_", "_")))
-            print(f"{r['arch']}  {r['dtype']:4s}  {r['kernel']:36s}  {r['registers']:3d} regs  "
-                  f"(plain {twin}, {r['registers'] - (twin or 0):+d})")
+            print(
+                f"{r['arch']}  {r['dtype']:4s}  {r['kernel']:36s}  {r['registers']:3d} regs  "
+                f"(plain {twin}, {r['registers'] - (twin or 0):+d})"
+            )
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"nvrtc": list(version), "archs": list(archs),
-                                         "options": list(CUPY_OPTIONS + CHECK_OPTIONS),
-                                         "kernels": report}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "nvrtc": list(version),
+                    "archs": list(archs),
+                    "options": list(CUPY_OPTIONS + CHECK_OPTIONS),
+                    "kernels": report,
+                },
+                indent=1,
+            )
+        )
     if failures:
         print(f"\ncheck_kernels: {len(failures)} problem(s):", file=sys.stderr)
         for f in failures:
             print(f"  {f}", file=sys.stderr)
         return 1
     combos = len(_source.SOURCES) * len(_source.DTYPE_KEYS) * len(archs)
-    print(f"\ncheck_kernels: OK: {combos} compilations, {len(report)} kernel builds, "
-          "no warnings, no spills, no stack frames")
+    print(
+        f"\ncheck_kernels: OK: {combos} compilations, {len(report)} kernel builds, "
+        "no warnings, no spills, no stack frames"
+    )
     return 0
 
 
