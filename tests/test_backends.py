@@ -10,11 +10,11 @@ import pytest
 
 import xbn
 from xbn import backends
-from xbn.layers import _to_host
+from xbn._arrays import to_host
 
 
 def _host(a):
-    return _to_host(a, "array")
+    return to_host(a, "array")
 
 
 def _assert_owned(b: backends.Backend, a, what: str) -> None:
