@@ -50,8 +50,10 @@ struct xbn_backward_out {
         dgamma[c] = xbn_mul_rn(s_dy_xmu, iv);
         dbeta[c] = s_dy;
         k_dy[c] = a;
-        // -k_dy * inv * inv * sum_dy_xmu / M and -k_dy * sum_dy / M, left to right
-        k_xmu[c] = xbn_div_rn(xbn_mul_rn(xbn_mul_rn(xbn_mul_rn(-a, iv), iv), s_dy_xmu), m);
+        // -k_dy * (inv * (inv * (sum_dy_xmu / M))), from the inside out: with a tiny eps a
+        // constant channel has a huge inv and sum_dy_xmu == 0, and (-k_dy * inv) * inv would
+        // overflow to inf before the product with 0 (NaN); then -k_dy * sum_dy / M, left to right
+        k_xmu[c] = xbn_mul_rn(-a, xbn_mul_rn(iv, xbn_mul_rn(iv, xbn_div_rn(s_dy_xmu, m))));
         k_const[c] = xbn_div_rn(xbn_mul_rn(-a, s_dy), m);
     }
 };
