@@ -198,6 +198,126 @@ def test_registered_fast_path_is_used_and_generic_forcing_skips_it(monkeypatch):
     assert backends.resolve("numpy", generic=False).ops.fast != ()
 
 
+def _seam_ops(monkeypatch, kernels, *, generic=False):
+    """Ops built for a made-up backend whose registry table is ``kernels``, on NumPy."""
+    import array_api_compat.numpy as xnp
+
+    monkeypatch.setitem(backends._KERNELS, "seam_test", kernels)
+    return backends.Ops.build("seam_test", xnp, generic=generic)
+
+
+def _rows(n=6, c=3, dtype=np.float64):
+    return np.random.default_rng(0).normal(2.0, 3.0, size=(n, c)).astype(dtype)
+
+
+def test_seam_runs_the_generic_function_where_a_fast_path_declines(monkeypatch):
+    calls = []
+
+    def declines(x, /, *, axis, xp=None):
+        calls.append((x.shape, axis, xp))
+        return NotImplemented
+
+    import array_api_compat.numpy as xnp
+
+    ops = _seam_ops(monkeypatch, {"batch_stats": declines})
+    assert ops.fast == ("batch_stats",)
+    x = _rows()
+    got = ops.batch_stats(x, axis=1)
+    want = xbn.functional.batch_stats(x, axis=1)
+    assert calls == [((6, 3), 1, xnp)]  # the namespace the ops were bound to
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    # xp= given by the caller (as the generic compositions do) reaches both functions
+    got = ops.batch_stats(x, axis=1, xp=np)
+    assert calls[-1] == ((6, 3), 1, np)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_seam_uses_what_a_fast_path_returns(monkeypatch):
+    sentinel = (np.zeros(3), np.ones(3))
+    ops = _seam_ops(monkeypatch, {"batch_stats": lambda x, /, *, axis, xp=None: sentinel})
+    assert ops.batch_stats(_rows(), axis=1) is sentinel
+    generic = _seam_ops(monkeypatch, {"batch_stats": lambda x, /, *, axis, xp=None: sentinel},
+                        generic=True)
+    assert generic.fast == ()
+    assert generic.batch_stats(_rows(), axis=1) is not sentinel
+
+
+def test_generic_step_ops_compose_the_fast_passes(monkeypatch):
+    """A step op without a fast path, or whose fast path declines, is the generic composition
+    of the pass ops the registry bound: fast where registered, with their own fallback."""
+    calls = []
+
+    def spy(op, answer):
+        def fast(*args, **kwargs):
+            calls.append(op)
+            return answer(*args, **kwargs)
+        return fast
+
+    generic = {op: getattr(xbn.functional, op) for op in backends.PASS_OPS}
+    kernels = {
+        "batch_stats": spy("batch_stats", generic["batch_stats"]),
+        "scale_shift": spy("scale_shift", lambda *a, **k: NotImplemented),
+        "backward_reduce": spy("backward_reduce", generic["backward_reduce"]),
+        "backward_apply": spy("backward_apply", generic["backward_apply"]),
+    }
+    x, dy = _rows(), _rows(n=6) - 1.0
+    w, b = np.linspace(0.5, 1.5, 3), np.linspace(-1.0, 1.0, 3)
+    want_f = xbn.functional.batch_norm_forward(x, w, b, np.zeros(3), np.ones(3), axis=1)
+    want_b = xbn.functional.batch_norm_backward(dy, x, want_f[1], want_f[2], w, axis=1)
+    for steps in ({}, {"batch_norm_forward": spy("batch_norm_forward", lambda *a, **k: NotImplemented),
+                       "batch_norm_backward": spy("batch_norm_backward", lambda *a, **k: NotImplemented)}):
+        calls.clear()
+        ops = _seam_ops(monkeypatch, {**kernels, **steps})
+        got_f = ops.batch_norm_forward(x, w, b, np.zeros(3), np.ones(3), axis=1)
+        got_b = ops.batch_norm_backward(dy, x, got_f[1], got_f[2], w, axis=1)
+        first = ["batch_norm_forward"] if steps else []
+        assert calls[: len(first) + 2] == [*first, "batch_stats", "scale_shift"]
+        assert calls[len(first) + 2:] == (["batch_norm_backward"] if steps else []) + [
+            "backward_reduce", "backward_apply"]
+        for g, v in zip((*got_f, *got_b), (*want_f, *want_b)):
+            np.testing.assert_array_equal(g, v)
+
+
+def test_force_generic_turns_every_fast_path_off(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("a fast path ran with the generic path forced")
+
+    monkeypatch.setitem(backends._KERNELS, "seam_test", dict.fromkeys(backends.OP_NAMES, boom))
+    import array_api_compat.numpy as xnp
+
+    assert backends.Ops.build("seam_test", xnp, generic=False).fast == tuple(sorted(backends.OP_NAMES))
+    monkeypatch.setenv("XBN_FORCE_GENERIC", "1")
+    b = backends.resolve("numpy")
+    assert b.ops.fast == ()
+    x = _rows(dtype=np.float32)
+    y, mean, inv, _, _ = b.ops.batch_norm_forward(x, None, None, None, None, axis=1)
+    assert b.ops.batch_norm_backward(x, x, mean, inv, None, axis=1)[0].shape == x.shape
+    # a Backend resolved while forced stays generic when passed to resolve again
+    monkeypatch.delenv("XBN_FORCE_GENERIC")
+    assert backends.resolve(b) is b
+    assert backends.resolve(b, generic=False) is b
+    assert backends.resolve("numpy").ops.fast != ()
+
+
+def test_op_protocols_have_the_generic_signatures():
+    """Each field of Ops is typed by a Protocol whose call has exactly the signature of the
+    generic function (and so of every fast path: tests/test_cupy_launch.py checks those)."""
+    import dataclasses
+    import inspect
+
+    names = [f.name for f in dataclasses.fields(backends.Ops) if f.metadata.get("op", True)]
+    assert tuple(names) == backends.OP_NAMES == backends.PASS_OPS + backends.STEP_OPS
+    for f in dataclasses.fields(backends.Ops):
+        if f.name not in names:
+            continue
+        protocol = getattr(backends, f.type)
+        sig = inspect.signature(protocol.__call__)
+        sig = sig.replace(parameters=list(sig.parameters.values())[1:])  # without self
+        assert sig == inspect.signature(getattr(xbn.functional, f.name)), f.name
+
+
 def test_register_kernel_rejects_unknown_ops():
     with pytest.raises(ValueError, match="unknown op 'fused_everything'"):
         backends.register_kernel("numpy", "fused_everything")

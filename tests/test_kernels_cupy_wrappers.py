@@ -2,9 +2,10 @@
 CuPy (tests/fake_cupy.py) and the real kernels run by the CPU emulator (tests/cuda_host).
 
 What this covers that the other CPU tests do not: the wrappers' argument assembly, workspace
-and placeholder arguments, out= handling, vector width from real pointers, the fallbacks of
-the registered functions, the per-stream counters; the whole-step ops as two launches each,
-against the generic composition of xbn.functional, and their fallbacks to it. What it cannot cover: CuPy itself, NVRTC at
+and placeholder arguments, out= handling, vector width from real pointers, the inputs the
+registered functions decline (NotImplemented) and the seam's generic results for them, the
+per-stream counters; the whole-step ops as two launches each, against the generic composition
+of xbn.functional, and the seam's fallback to it. What it cannot cover: CuPy itself, NVRTC at
 run time, the GPU (tests/test_kernels_cupy.py on a GPU does).
 """
 
@@ -150,7 +151,8 @@ def test_fallbacks(fake):
     x = cp.asarray(xh)
     strided = x[:, :, ::2]
     assert kc.launch_batch_stats(strided, axis=1) is None
-    _, var = kc.batch_stats(strided, axis=1)
+    assert kc.batch_stats(strided, axis=1) is NotImplemented
+    _, var = _ops(kc).batch_stats(strided, axis=1)  # the seam runs the generic function
     np.testing.assert_allclose(np.asarray(var), xh[:, :, ::2].var(axis=(0, 2)), rtol=1e-5)
     # coefficients in another dtype than the accumulator: generic path
     assert kc.launch_scale_shift(x, cp.ones(4, dtype=np.float64), None, axis=1) is None
@@ -175,10 +177,12 @@ def _np(a):
 
 
 def _ops(kc):
-    """The pass ops as the registry binds them for the CuPy backend (the fake's arrays are
-    NumPy arrays, so array-api-compat's NumPy namespace stands in for CuPy's)."""
-    return backends.PassOps(**{op: lambda *a, _f=getattr(kc, op), **k: _f(*a, **{**k, "xp": xnp})
-                               for op in backends.PASS_OPS})
+    """The ops as the registry binds them for the CuPy backend, seam included (the fake's
+    arrays are NumPy arrays, so array-api-compat's NumPy namespace stands in for CuPy's)."""
+    ops = backends.Ops.build("cupy", xnp, generic=False)
+    assert set(ops.fast) == set(backends.OP_NAMES)
+    assert all(getattr(ops, op).__wrapped__ is getattr(kc, op) for op in backends.OP_NAMES)
+    return ops
 
 
 def _kinds(cp):
@@ -256,8 +260,8 @@ def test_eval_mode_backward(fake):
     x, dy, m, i, w = (cp.asarray(a) for a in (xh, dyh, mh, ih, wh))
     ops = _ops(kc)
     for need in (True, False):
-        got = kc.batch_norm_backward(dy, x, m, i, w, axis=1, batch_stats_used=False,
-                                     need_param_grads=need, xp=xnp, ops=ops)
+        got = ops.batch_norm_backward(dy, x, m, i, w, axis=1, batch_stats_used=False,
+                                      need_param_grads=need)
         want = functional.batch_norm_backward(dyh, xh, mh, ih, wh, axis=1,
                                               batch_stats_used=False, need_param_grads=need,
                                               xp=xnp)
@@ -268,7 +272,9 @@ def test_eval_mode_backward(fake):
             assert np.array_equal(_np(got[0]), want[0])
             for g, v in zip(got[1:], want[1:]):  # sums in another order: a few ulp apart
                 assert g.dtype == v.dtype and _rel(g, v.astype(np.float64)) <= 1e-5
-        else:
+        else:  # declined by the fused op, then the generic composition with the fast passes
+            assert kc.batch_norm_backward(dy, x, m, i, w, axis=1, batch_stats_used=False,
+                                          need_param_grads=False) is NotImplemented
             assert kinds == ["xbn_scale_shift"] and got[1] is None and got[2] is None
             assert np.array_equal(_np(got[0]), want[0])
 
@@ -306,11 +312,12 @@ def test_step_ops_fall_back_to_the_generic_composition(fake):
     for what, args in cases.items():
         try:
             want = functional.batch_norm_forward(*(_np(a) for a in args), axis=1, xp=xnp)
-        except ValueError:  # the generic path's own error, which the fast path must give too
+        except ValueError:  # the generic path's own error, which the seam must give too
             with pytest.raises(ValueError):
-                kc.batch_norm_forward(*args, axis=1, xp=xnp, ops=ops)
+                ops.batch_norm_forward(*args, axis=1)
             continue
-        got = kc.batch_norm_forward(*args, axis=1, xp=xnp, ops=ops)
+        assert kc.batch_norm_forward(*args, axis=1, xp=xnp, ops=ops) is NotImplemented, what
+        got = ops.batch_norm_forward(*args, axis=1)
         # The pass kernels may run (the fake's where() returns plain NumPy arrays, which they
         # decline), the fused one must not.
         assert "xbn_stats_fused" not in _kinds(cp), what
@@ -320,7 +327,8 @@ def test_step_ops_fall_back_to_the_generic_composition(fake):
                 assert g.dtype == v.dtype and _rel(g, v.astype(np.float64)) <= 1e-5, what
     # backward: a mean of another dtype than the accumulator
     m64 = cp.zeros(4, np.float64)
-    dx, dg, db = kc.batch_norm_backward(x, x, m64, cp.ones(4, np.float64), w32, axis=1, xp=xnp,
-                                        ops=ops)
+    assert kc.batch_norm_backward(x, x, m64, cp.ones(4, np.float64), w32, axis=1) is NotImplemented
+    dx, dg, db = ops.batch_norm_backward(x, x, m64, cp.ones(4, np.float64), w32, axis=1)
     assert "xbn_backward_reduce_fused" not in _kinds(cp)
     assert dx.dtype == np.float32 and dg.dtype == np.float64
+

@@ -1,10 +1,15 @@
 """Choose the array backend once, when a layer is constructed, and find its fast paths.
 
 A :class:`Backend` bundles the array namespace (through array-api-compat), the device the layer
-lives on, and :class:`Ops`: the four hot operations of batch norm. Each op is the generic
+lives on, and :class:`Ops`: the six hot operations of batch norm. Each op is the generic
 Array API function from :mod:`xbn.functional`, unless a kernel module registered a fast path
 for that backend (``xbn.kernels.<backend name>``). The registry below is the only seam where
 fast paths plug in, so nothing on the hot path asks which backend it runs on.
+
+A fast path takes what it can and returns ``NotImplemented`` for anything else (another layout,
+another dtype, a strided view, an array too large for its indexing); the seam then calls the
+generic function with the same arguments. So no kernel module carries a copy of the fallback,
+and every input a fast path declines still gets the generic result.
 
 Setting the environment variable ``XBN_FORCE_GENERIC=1`` (or ``resolve(..., generic=True)``)
 skips every registered kernel: the way to A/B a fast path or to rule it out while debugging.
@@ -15,9 +20,10 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Protocol, TypeVar
 
 import array_api_compat
 
@@ -27,46 +33,158 @@ __all__ = [
     "Backend",
     "BackendUnavailableError",
     "Ops",
+    "PassOps",
     "OP_NAMES",
     "PASS_OPS",
     "STEP_OPS",
+    "BatchStats",
+    "ScaleShift",
+    "BackwardReduce",
+    "BackwardApply",
+    "BatchNormForward",
+    "BatchNormBackward",
     "available_backends",
     "register_kernel",
     "registered_kernels",
     "resolve",
 ]
 
-#: The operations a fast path may replace; each has the signature of the function of the same
-#: name in :mod:`xbn.functional` (arrays positional, ``axis=`` and ``xp=`` keyword).
-#: The first four are single passes over the data; the last two are a whole training forward
-#: and a whole backward, which the generic path composes from the first four (given as
-#: ``ops=``). A backend registers the whole-step ops where fusing the per-channel work into its
-#: passes pays (on a GPU every small per-channel array operation is a kernel launch).
-PASS_OPS = ("batch_stats", "scale_shift", "backward_reduce", "backward_apply")
-STEP_OPS = ("batch_norm_forward", "batch_norm_backward")
+Array = Any
+
+# -- the ops' signatures: those of xbn.functional (arrays positional, options keyword) ----------
+# A registered fast path has the same signature and may return NotImplemented instead.
+
+
+class BatchStats(Protocol):
+    def __call__(self, x: Array, /, *, axis: int,
+                 xp: ModuleType | None = None) -> tuple[Array, Array]: ...
+
+
+class ScaleShift(Protocol):
+    def __call__(self, x: Array, scale: Array, shift: Array | None, /, *, axis: int,
+                 xp: ModuleType | None = None) -> Array: ...
+
+
+class BackwardReduce(Protocol):
+    def __call__(self, dy: Array, x: Array, mean: Array, /, *, axis: int,
+                 xp: ModuleType | None = None) -> tuple[Array, Array]: ...
+
+
+class BackwardApply(Protocol):
+    def __call__(self, dy: Array, x: Array, mean: Array, k_dy: Array, k_xmu: Array,
+                 k_const: Array, /, *, axis: int, xp: ModuleType | None = None) -> Array: ...
+
+
+class BatchNormForward(Protocol):
+    def __call__(self, x: Array, weight: Array | None, bias: Array | None,
+                 running_mean: Array | None, running_var: Array | None, /, *, axis: int,
+                 eps: float = 1e-5, momentum: float = 0.1, xp: ModuleType | None = None,
+                 ops: Any = None) -> tuple[Array, Array, Array, Array | None, Array | None]: ...
+
+
+class BatchNormBackward(Protocol):
+    def __call__(self, dy: Array, x: Array, mean: Array, inv: Array, weight: Array | None, /,
+                 *, axis: int, batch_stats_used: bool = True, need_param_grads: bool = True,
+                 xp: ModuleType | None = None,
+                 ops: Any = None) -> tuple[Array, Array | None, Array | None]: ...
+
+
+@dataclass(frozen=True, eq=False)
+class PassOps:
+    """The single passes over the data, bound to one namespace: what the whole-step ops compose
+    (given to them as ``ops=``)."""
+
+    batch_stats: BatchStats
+    scale_shift: ScaleShift
+    backward_reduce: BackwardReduce
+    backward_apply: BackwardApply
+
+
+@dataclass(frozen=True, eq=False)
+class Ops(PassOps):
+    """Every hot operation bound to one namespace: a fast path where registered, else generic.
+
+    The whole-step ops are a training forward and a whole backward, which the generic path
+    composes from the passes; a backend registers them where fusing the per-channel work into
+    its passes pays (on a GPU every small per-channel array operation is a kernel launch).
+    ``fast``: the ops that have a registered fast path (each still falls back per call).
+    """
+
+    batch_norm_forward: BatchNormForward
+    batch_norm_backward: BatchNormBackward
+    fast: tuple[str, ...] = field(default=(), metadata={"op": False})
+
+    @classmethod
+    def build(cls, name: str, xp: ModuleType, *, generic: bool) -> Ops:
+        kernels = {} if generic else registered_kernels(name)
+        passes = PassOps(**{op: _bind(op, kernels.get(op), xp=xp) for op in PASS_OPS})
+        steps = {op: _bind(op, kernels.get(op), xp=xp, ops=passes) for op in STEP_OPS}
+        return cls(**{op: getattr(passes, op) for op in PASS_OPS}, **steps,
+                   fast=tuple(sorted(kernels)))
+
+
+#: The operations a fast path may replace, each named as its function in :mod:`xbn.functional`
+#: and written once, as a field of :class:`PassOps` (single passes over the data) or
+#: :class:`Ops` (whole steps).
+PASS_OPS = tuple(f.name for f in fields(PassOps))
+STEP_OPS = tuple(f.name for f in fields(Ops) if f.metadata.get("op", True) and f.name not in PASS_OPS)
 OP_NAMES = PASS_OPS + STEP_OPS
+
+
+def _bind(op: str, fast: Callable[..., Any] | None, *, xp: ModuleType, ops: PassOps | None = None) -> Any:
+    """``op`` on namespace ``xp``: the fast path, and the generic function where it declines.
+
+    The caller may still pass ``xp=`` (and ``ops=``) itself, as the generic compositions do.
+    """
+    generic = getattr(functional, op)
+    if fast is None:
+        if ops is None:
+            return functools.partial(generic, xp=xp)
+        return functools.partial(generic, xp=xp, ops=ops)
+    # Two closures rather than one with a dict of bound keywords: this runs on every call, and
+    # the hot path is one call of the fast path and one identity check.
+    if ops is None:
+
+        def run(*args: Any, xp: ModuleType = xp, **kwargs: Any) -> Any:
+            out = fast(*args, xp=xp, **kwargs)
+            if out is NotImplemented:
+                return generic(*args, xp=xp, **kwargs)
+            return out
+
+    else:
+
+        def run(*args: Any, xp: ModuleType = xp, ops: Any = ops, **kwargs: Any) -> Any:
+            out = fast(*args, xp=xp, ops=ops, **kwargs)
+            if out is NotImplemented:
+                return generic(*args, xp=xp, ops=ops, **kwargs)
+            return out
+
+    return functools.update_wrapper(run, fast)
+
 
 KNOWN_BACKENDS = ("numpy", "cupy", "torch", "array_api_strict")
 
 _KERNELS: dict[str, dict[str, Callable[..., Any]]] = {}
 _KERNEL_MODULES_LOADED: set[str] = set()
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
 
 class BackendUnavailableError(RuntimeError):
     """A known backend that cannot run here (library not installed, or no device)."""
 
 
-def register_kernel(backend: str, op: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def register_kernel(backend: str, op: str) -> Callable[[_F], _F]:
     """Decorator: register ``fn`` as the fast path of ``op`` on ``backend``.
 
     The function must accept exactly what ``xbn.functional.<op>`` accepts and return the same
-    results (within the dtype's tolerance); it may call the generic function itself for inputs
-    it does not handle (another layout, another dtype).
+    results (within the dtype's tolerance), or ``NotImplemented`` for inputs it does not take
+    (another layout, another dtype): the seam then runs the generic function instead.
     """
     if op not in OP_NAMES:
         raise ValueError(f"unknown op {op!r}; expected one of {OP_NAMES}")
 
-    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def decorate(fn: _F) -> _F:
         _KERNELS.setdefault(backend, {})[op] = fn
         return fn
 
@@ -83,40 +201,6 @@ def registered_kernels(backend: str) -> dict[str, Callable[..., Any]]:
             if e.name != f"xbn.kernels.{backend}":
                 raise
     return dict(_KERNELS.get(backend, {}))
-
-
-@dataclass(frozen=True)
-class PassOps:
-    """The single-pass operations bound to one namespace (fast path where registered)."""
-
-    batch_stats: Callable[..., Any]
-    scale_shift: Callable[..., Any]
-    backward_reduce: Callable[..., Any]
-    backward_apply: Callable[..., Any]
-
-
-@dataclass(frozen=True)
-class Ops(PassOps):
-    """Every hot operation bound to one namespace: a fast path where registered, else generic.
-
-    The whole-step ops receive the pass ops as ``ops=``: the generic ones compose them, and a
-    fast one falls back to the generic composition for inputs it does not take.
-    """
-
-    batch_norm_forward: Callable[..., Any] = None  # type: ignore[assignment]
-    batch_norm_backward: Callable[..., Any] = None  # type: ignore[assignment]
-    fast: tuple[str, ...] = ()
-
-    @classmethod
-    def build(cls, name: str, xp: ModuleType, *, generic: bool) -> Ops:
-        kernels = {} if generic else registered_kernels(name)
-
-        def pick(op: str, **bound: Any) -> Callable[..., Any]:
-            return functools.partial(kernels.get(op, getattr(functional, op)), xp=xp, **bound)
-
-        passes = {op: pick(op) for op in PASS_OPS}
-        steps = {op: pick(op, ops=PassOps(**passes)) for op in STEP_OPS}
-        return cls(**passes, **steps, fast=tuple(sorted(kernels)))
 
 
 @dataclass(frozen=True)

@@ -39,22 +39,24 @@ counter to zero. The same inputs give bitwise the same outputs on every run. The
 one small buffer per (device, stream), reused by every launch on that stream; the partials come
 from CuPy's memory pool per call.
 
-Whole steps: a training forward (``batch_norm_forward``) is two launches, the statistics
-kernel whose last block per channel goes on with the per-channel work (invstd, the scale and
-shift of y = x * scale + shift with the var == 0 rule, the new running statistics), then
-scale_shift; a backward (``batch_norm_backward``) is two launches too, the backward reduction
-whose last block computes dgamma, dbeta and dx's coefficients, then backward_apply (or
-scale_shift of dy alone after an eval-mode forward). The generic composition in
-:mod:`xbn.functional` spends about thirty small CuPy operations on that per-channel work, each
-a kernel launch with microseconds of CPU overhead; the fused epilogues compute the same
-formulas in the same order, each operation correctly rounded, so the two agree to the rounding
-of the statistics. Parameters and running statistics (float32 or float64, the layer's dtype)
-may differ from the accumulator dtype; all that are given must share one dtype, else the
-generic composition runs.
+Whole steps: a training forward (``batch_norm_forward``) is two launches, ``stats_fused``
+(the statistics kernel whose last block per channel goes on with the per-channel work: invstd,
+the scale and shift of y = x * scale + shift with the var == 0 rule, the new running
+statistics), then scale_shift; a backward (``batch_norm_backward``) is two launches too,
+``backward_reduce_fused`` (the backward reduction whose last block computes dgamma, dbeta and
+dx's coefficients), then backward_apply (or scale_shift of dy alone after an eval-mode
+forward). The generic composition in :mod:`xbn.functional` spends about thirty small CuPy
+operations on that per-channel work, each a kernel launch with microseconds of CPU overhead;
+the fused epilogues compute the same formulas in the same order, each operation correctly
+rounded, so the two agree to the rounding of the statistics. Parameters and running statistics
+(float32 or float64, the layer's dtype) may differ from the accumulator dtype; all that are
+given must share one dtype, else the generic composition runs.
 
-The registered functions have the signatures of their :mod:`xbn.functional` counterparts.
-The ``launch_*`` functions underneath take an optional ``out=`` (the tests pass NaN-filled
-outputs to catch unwritten elements) and return None when the kernels do not take the input.
+The registered
+functions have the signatures of their :mod:`xbn.functional` counterparts and return
+``NotImplemented`` for inputs the kernels do not take; the seam in :mod:`xbn.backends` then runs
+the generic function. The ``launch_*`` functions underneath take an optional ``out=`` (the
+tests pass NaN-filled outputs to catch unwritten elements) and return None instead.
 
 Examples
 --------
@@ -75,7 +77,6 @@ from typing import Any
 
 import numpy as np
 
-from .. import functional
 from ..backends import register_kernel
 from . import _launch, _source
 
@@ -293,7 +294,7 @@ def _run(op: str, key: str, plan: _launch.LaunchPlan, values: dict[str, Any], de
     fn(plan.grid, plan.block, tuple(a if type(a) is array else _scalar(a) for a in args))
 
 
-# -- kernel entry points (None: not taken, use the generic path) --------------------------------
+# -- one launch per family (None: the kernels do not take these inputs) -------------------------
 
 
 def launch_batch_stats(x: Array, *, axis: int, out: tuple[Array, Array] | None = None) -> tuple[Array, Array] | None:
@@ -502,27 +503,24 @@ def launch_backward_coefficients(
     return dgamma, dbeta, k_dy, k_xmu, k_const
 
 
-# -- the registered fast paths: exactly the signatures of xbn.functional ------------------------
+# -- the registered fast paths: the signatures of xbn.functional, NotImplemented where the ------
+# -- kernels do not take the input (the seam in xbn.backends then runs the generic function) ----
 
 
 @register_kernel("cupy", "batch_stats")
 def batch_stats(x: Array, /, *, axis: int, xp: ModuleType | None = None) -> tuple[Array, Array]:
-    """:func:`xbn.functional.batch_stats` by the Welford kernel where it applies."""
+    """:func:`xbn.functional.batch_stats` by the Welford kernel."""
     result = launch_batch_stats(x, axis=axis)
-    if result is None:  # layout or dtype the kernels do not take
-        return functional.batch_stats(x, axis=axis, xp=xp)
-    return result
+    return NotImplemented if result is None else result
 
 
 @register_kernel("cupy", "scale_shift")
 def scale_shift(
     x: Array, scale: Array, shift: Array | None, /, *, axis: int, xp: ModuleType | None = None
 ) -> Array:
-    """:func:`xbn.functional.scale_shift` in one elementwise kernel where it applies."""
+    """:func:`xbn.functional.scale_shift` in one elementwise kernel."""
     result = launch_scale_shift(x, scale, shift, axis=axis)
-    if result is None:
-        return functional.scale_shift(x, scale, shift, axis=axis, xp=xp)
-    return result
+    return NotImplemented if result is None else result
 
 
 @register_kernel("cupy", "backward_reduce")
@@ -531,9 +529,7 @@ def backward_reduce(
 ) -> tuple[Array, Array]:
     """:func:`xbn.functional.backward_reduce` by the deterministic reduction kernel."""
     result = launch_backward_reduce(dy, x, mean, axis=axis)
-    if result is None:
-        return functional.backward_reduce(dy, x, mean, axis=axis, xp=xp)
-    return result
+    return NotImplemented if result is None else result
 
 
 @register_kernel("cupy", "backward_apply")
@@ -541,11 +537,9 @@ def backward_apply(
     dy: Array, x: Array, mean: Array, k_dy: Array, k_xmu: Array, k_const: Array, /,
     *, axis: int, xp: ModuleType | None = None,
 ) -> Array:
-    """:func:`xbn.functional.backward_apply` in one elementwise kernel where it applies."""
+    """:func:`xbn.functional.backward_apply` in one elementwise kernel."""
     result = launch_backward_apply(dy, x, mean, k_dy, k_xmu, k_const, axis=axis)
-    if result is None:
-        return functional.backward_apply(dy, x, mean, k_dy, k_xmu, k_const, axis=axis, xp=xp)
-    return result
+    return NotImplemented if result is None else result
 
 
 @register_kernel("cupy", "batch_norm_forward")
@@ -563,13 +557,12 @@ def batch_norm_forward(
     xp: ModuleType | None = None,
     ops: Any = None,
 ) -> tuple[Array, Array, Array, Array | None, Array | None]:
-    """:func:`xbn.functional.batch_norm_forward` in two launches: the fused statistics, then
-    scale_shift."""
+    """:func:`xbn.functional.batch_norm_forward` in two launches: stats_fused, then
+    scale_shift. (``ops`` is the generic composition's; the seam uses it where this declines.)"""
     fused = launch_forward_stats(x, weight, bias, running_mean, running_var, axis=axis, eps=eps,
                                  momentum=momentum)
-    if fused is None:  # layout, dtype or parameters the kernels do not take
-        return functional.batch_norm_forward(x, weight, bias, running_mean, running_var,
-                                             axis=axis, eps=eps, momentum=momentum, xp=xp, ops=ops)
+    if fused is None:
+        return NotImplemented
     mean, inv, scale, shift, new_mean, new_var = fused
     # scale and shift have the accumulator dtype on x's device: the kernel takes what the
     # statistics kernel took.
@@ -592,20 +585,19 @@ def batch_norm_backward(
     xp: ModuleType | None = None,
     ops: Any = None,
 ) -> tuple[Array, Array | None, Array | None]:
-    """:func:`xbn.functional.batch_norm_backward` in two launches: the fused reduction, then
+    """:func:`xbn.functional.batch_norm_backward` in two launches: backward_reduce_fused, then
     backward_apply (or, after an eval-mode forward, scale_shift of dy by k_dy)."""
     # Eval mode without parameter gradients needs no reduction: dx = dy * (weight * inv) is the
     # generic path's one small product and one scale_shift launch already.
-    if batch_stats_used or need_param_grads:
-        fused = launch_backward_coefficients(dy, x, mean, inv, weight, axis=axis)
-        if fused is not None:
-            dgamma, dbeta, k_dy, k_xmu, k_const = fused
-            if batch_stats_used:
-                dx = launch_backward_apply(dy, x, mean, k_dy, k_xmu, k_const, axis=axis)
-            else:  # mean and inv were constants: dx = dy * k_dy, without reading x again
-                dx = launch_scale_shift(dy, k_dy, None, axis=axis)
-            return dx, dgamma, dbeta
-    return functional.batch_norm_backward(
-        dy, x, mean, inv, weight, axis=axis, batch_stats_used=batch_stats_used,
-        need_param_grads=need_param_grads, xp=xp, ops=ops,
-    )
+    if not (batch_stats_used or need_param_grads):
+        return NotImplemented
+    fused = launch_backward_coefficients(dy, x, mean, inv, weight, axis=axis)
+    if fused is None:
+        return NotImplemented
+    dgamma, dbeta, k_dy, k_xmu, k_const = fused
+    if batch_stats_used:
+        dx = launch_backward_apply(dy, x, mean, k_dy, k_xmu, k_const, axis=axis)
+    else:  # mean and inv were constants: dx = dy * k_dy, without reading x again
+        dx = launch_scale_shift(dy, k_dy, None, axis=axis)
+    return dx, dgamma, dbeta
+

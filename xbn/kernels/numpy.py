@@ -24,7 +24,8 @@ index order, so neither thread timing nor the thread count changes a bit.
 Layouts: any array whose axes can be permuted into a C-contiguous one (NCHW, channels-last,
 torch's channels_last strides, a channel axis in the middle, Fortran order); outputs keep the
 input's layout. Anything else (negative or gapped strides, mixed layouts of ``x`` and ``dy``,
-non-float dtypes, empty arrays) goes to the generic function.
+non-float dtypes, empty arrays) is declined: the op returns ``NotImplemented`` and the seam in
+:mod:`xbn.backends` runs the generic function instead.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .. import functional as F
 from ..backends import register_kernel
 
 __all__ = ["get_engine", "get_num_threads", "set_engine", "set_num_threads"]
@@ -414,7 +414,7 @@ def _float_dtype(a: Any) -> np.dtype | None:
 def batch_stats(x: Any, /, *, axis: int, xp: ModuleType | None = None) -> tuple[Any, Any]:
     g = _geometry(x, axis)
     if g is None:
-        return F.batch_stats(x, axis=axis, xp=xp)
+        return NotImplemented
     dt = _cdtype(x)
     nbk = _compiled()
     if nbk is not None and x.dtype == dt:
@@ -507,7 +507,7 @@ def scale_shift(x: Any, scale: Any, shift: Any, /, *, axis: int, xp: ModuleType 
     g = _geometry(x, axis)
     dt = _float_dtype(scale)
     if g is None or dt is None or (shift is not None and _float_dtype(shift) != dt):
-        return F.scale_shift(x, scale, shift, axis=axis, xp=xp)
+        return NotImplemented
     nbk = _compiled()
     if nbk is not None and x.dtype == dt:
         return _nb_scale_shift(nbk, g, x, scale, shift, dt)
@@ -539,7 +539,7 @@ def backward_reduce(dy: Any, x: Any, mean: Any, /, *, axis: int, xp: ModuleType 
     g = _geometry(x, axis, dy)
     dt = _float_dtype(mean)
     if g is None or dt is None:
-        return F.backward_reduce(dy, x, mean, axis=axis, xp=xp)
+        return NotImplemented
     nbk = _compiled()
     if nbk is not None and x.dtype == dy.dtype == dt:
         return _nb_backward_reduce(nbk, g, dy, x, mean, dt)
@@ -587,7 +587,7 @@ def backward_apply(
     g = _geometry(x, axis, dy)
     dt = _float_dtype(k_dy)
     if g is None or dt is None:
-        return F.backward_apply(dy, x, mean, k_dy, k_xmu, k_const, axis=axis, xp=xp)
+        return NotImplemented
     nbk = _compiled()
     if nbk is not None and x.dtype == dy.dtype == dt:
         return _nb_backward_apply(nbk, g, dy, x, (mean, k_dy, k_xmu, k_const), dt)
