@@ -38,6 +38,15 @@ class Device:
         self.id = int(id)
         self.attributes = {"MultiProcessorCount": SM_COUNT, "MaxThreadsPerMultiProcessor": 2048}
 
+    def __eq__(self, other: object) -> bool:  # as CuPy's: the same device id
+        return isinstance(other, Device) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(("Device", self.id))
+
+    def __repr__(self) -> str:
+        return f"<CUDA Device {self.id}>"
+
     def __enter__(self) -> Device:
         return self
 

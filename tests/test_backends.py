@@ -290,7 +290,7 @@ def test_force_generic_turns_every_fast_path_off(monkeypatch):
     assert backends.Ops.build("seam_test", xnp, generic=False).fast == tuple(sorted(backends.OP_NAMES))
     monkeypatch.setenv("XBN_FORCE_GENERIC", "1")
     b = backends.resolve("numpy")
-    assert b.ops.fast == ()
+    assert b.generic and b.ops.fast == ()
     x = _rows(dtype=np.float32)
     y, mean, inv, _, _ = b.ops.batch_norm_forward(x, None, None, None, None, axis=1)
     assert b.ops.batch_norm_backward(x, x, mean, inv, None, axis=1)[0].shape == x.shape
@@ -316,6 +316,53 @@ def test_op_protocols_have_the_generic_signatures():
         sig = inspect.signature(protocol.__call__)
         sig = sig.replace(parameters=list(sig.parameters.values())[1:])  # without self
         assert sig == inspect.signature(getattr(xbn.functional, f.name)), f.name
+
+
+# -- copies and pickles -------------------------------------------------------------------------
+
+
+def _pickle_cases():
+    cases = [("numpy", None, False), ("numpy", None, True), ("array_api_strict", None, False),
+             ("array_api_strict", "device1", False), ("array_api_strict", "device1", True)]
+    if importlib.util.find_spec("torch") is not None:
+        cases += [("torch", None, False), ("torch", "cpu", True)]
+    return cases
+
+
+@pytest.mark.parametrize(("name", "device", "generic"), _pickle_cases(),
+                         ids=lambda v: str(v))
+def test_backend_survives_deepcopy_and_pickle(name, device, generic, monkeypatch):
+    import copy
+    import pickle
+
+    monkeypatch.delenv("XBN_FORCE_GENERIC", raising=False)
+    b = backends.resolve(name, device, generic=generic)
+    assert copy.deepcopy(b) is b and copy.copy(b) is b
+    blob = pickle.dumps(b)
+    assert len(blob) < 300, "a Backend pickles as its name, device and flag, nothing more"
+    again = pickle.loads(blob)
+    assert again == b and hash(again) == hash(b)
+    assert (again.name, again.xp, again.device, again.generic) == (b.name, b.xp, b.device, generic)
+    assert again.ops.fast == b.ops.fast
+    xp = again.xp
+    x = xp.asarray(_rows(dtype=np.float32), device=again.device)
+    mean, var = again.ops.batch_stats(x, axis=1)
+    _assert_owned(again, mean, "batch_stats after a pickle round trip")
+    want = xbn.functional.batch_stats(_rows(dtype=np.float32), axis=1)
+    np.testing.assert_allclose(_host(mean), want[0], rtol=1e-6)
+    np.testing.assert_allclose(_host(var), want[1], rtol=1e-5)
+    # in a container, as a layer's state holds it
+    assert pickle.loads(pickle.dumps({"backend": b}))["backend"] == b
+
+
+def test_unpickled_backend_obeys_force_generic(monkeypatch):
+    import pickle
+
+    monkeypatch.delenv("XBN_FORCE_GENERIC", raising=False)
+    blob = pickle.dumps(backends.resolve("numpy"))
+    monkeypatch.setenv("XBN_FORCE_GENERIC", "1")
+    again = pickle.loads(blob)
+    assert again.generic and again.ops.fast == ()
 
 
 def test_register_kernel_rejects_unknown_ops():

@@ -332,3 +332,41 @@ def test_step_ops_fall_back_to_the_generic_composition(fake):
     assert "xbn_backward_reduce_fused" not in _kinds(cp)
     assert dx.dtype == np.float32 and dg.dtype == np.float64
 
+
+def test_cupy_backend_survives_deepcopy_and_pickle(fake, monkeypatch):
+    """A CuPy Backend pickles as ("cupy", device id, generic flag) and is resolved again on load.
+    CuPy is the fake here, and its array-api-compat namespace a stand-in: NumPy's functions with
+    the fake's empty(), and the fake arrays' own device."""
+    import copy
+    import pickle
+    import types
+
+    import array_api_compat
+
+    cp, kc = fake
+    monkeypatch.delenv("XBN_FORCE_GENERIC", raising=False)
+    stub = types.ModuleType("array_api_compat.cupy")
+    stub.__getattr__ = lambda name: getattr(xnp, name)
+    stub.empty = lambda shape, dtype=np.float32, device=None: cp.empty(shape, dtype)
+    namespace_for, device_of = backends._namespace_for, array_api_compat.device
+    monkeypatch.setattr(backends, "_namespace_for",
+                        lambda name: stub if name == "cupy" else namespace_for(name))
+    monkeypatch.setattr(backends, "_cuda_usable", lambda: True)
+    monkeypatch.setattr(array_api_compat, "device",
+                        lambda a: a.device if isinstance(a, cp.ndarray) else device_of(a))
+
+    b = backends.resolve("cupy", 0)
+    assert (b.name, b.xp, b.device, b.generic) == ("cupy", stub, cp.cuda.Device(0), False)
+    assert set(b.ops.fast) == set(backends.OP_NAMES)
+    assert copy.deepcopy(b) is b
+    assert b.__reduce__()[1] == ("cupy", 0, False)  # the device as its id
+    again = pickle.loads(pickle.dumps(b))
+    assert again == b and again.ops.fast == b.ops.fast
+    x = cp.asarray(np.random.default_rng(3).normal(size=(5, 4, 6)).astype(np.float32))
+    y = again.ops.scale_shift(x, cp.full((4,), 2.0, np.float32), None, axis=1)
+    assert _kinds(cp) == ["xbn_scale_shift"]
+    np.testing.assert_array_equal(np.asarray(y), 2.0 * np.asarray(x))
+
+    g = pickle.loads(pickle.dumps(backends.resolve("cupy", 0, generic=True)))
+    assert g.generic and g.ops.fast == () and g.device == cp.cuda.Device(0)
+

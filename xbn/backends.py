@@ -13,6 +13,10 @@ and every input a fast path declines still gets the generic result.
 
 Setting the environment variable ``XBN_FORCE_GENERIC=1`` (or ``resolve(..., generic=True)``)
 skips every registered kernel: the way to A/B a fast path or to rule it out while debugging.
+
+A :class:`Backend` is immutable: ``copy.deepcopy`` returns it as it is, and pickle stores its
+name, device and generic flag and resolves them again on load (arrays and compiled kernels do
+not travel; a layer's arrays pickle with the layer).
 """
 
 from __future__ import annotations
@@ -205,12 +209,18 @@ def registered_kernels(backend: str) -> dict[str, Callable[..., Any]]:
 
 @dataclass(frozen=True)
 class Backend:
-    """Where a layer lives: ``name`` ("numpy", "cupy", ...), namespace ``xp``, ``device``, ``ops``."""
+    """Where a layer lives: ``name`` ("numpy", "cupy", ...), namespace ``xp``, ``device``, ``ops``.
+
+    Two Backends are equal when they have the same namespace, device and ``generic`` flag (the
+    ops follow from those). ``generic``: resolved with ``generic=True`` (or XBN_FORCE_GENERIC),
+    so no registered kernel is used.
+    """
 
     name: str
     xp: ModuleType
     device: Any
-    ops: Ops
+    ops: Ops = field(compare=False, repr=False)
+    generic: bool = False
 
     def owns(self, x: Any) -> bool:
         """Whether ``x`` is an array of this backend's namespace."""
@@ -218,6 +228,39 @@ class Backend:
             return array_api_compat.array_namespace(x) is self.xp
         except TypeError:
             return False
+
+    def __copy__(self) -> Backend:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Backend:
+        return self  # immutable; a copy of a layer shares it, as it shares the namespace
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        ref = self.name if self.name in KNOWN_BACKENDS else self.xp.__name__
+        return (_restore, (ref, _device_token(self.name, self.device), self.generic))
+
+
+def _device_token(name: str, device: Any) -> Any:
+    """``device`` as a plain picklable value that :func:`resolve` accepts for backend ``name``."""
+    if device is None or isinstance(device, (str, int)):
+        return device
+    if name == "cupy":
+        return int(device.id)
+    if name == "array_api_strict":
+        return str(device._device)  # the name Device() was made from; it has no public getter
+    if name == "torch":
+        return str(device)
+    return device
+
+
+def _restore(ref: str, device: Any, generic: bool) -> Backend:
+    """A pickled Backend, resolved again: the same namespace and device, kernels found anew.
+
+    A non-generic one is resolved as ``resolve`` would be by default, so XBN_FORCE_GENERIC in
+    the loading process still turns its fast paths off.
+    """
+    backend: Any = ref if ref in KNOWN_BACKENDS else importlib.import_module(ref)
+    return resolve(backend, device, generic=True if generic else None)
 
 
 def generic_forced() -> bool:
@@ -325,12 +368,14 @@ def resolve(backend: Any = "auto", device: Any = None, *, generic: bool | None =
     >>> b.name, b.device
     ('numpy', 'cpu')
     """
+    if isinstance(backend, Backend):
+        # generic=False does not undo a generic Backend: a layer built on one stays generic
+        generic = backend.generic or (generic_forced() if generic is None else generic)
+        if device is None and generic == backend.generic:
+            return backend
+        return resolve(backend.xp, backend.device if device is None else device, generic=generic)
     if generic is None:
         generic = generic_forced()
-    if isinstance(backend, Backend):
-        if device is None and not (generic and backend.ops.fast):
-            return backend
-        return resolve(backend.xp, device if device is not None else backend.device, generic=generic)
     if isinstance(backend, str):
         name = backend.strip().lower()
         if name == "auto":
@@ -349,7 +394,8 @@ def resolve(backend: Any = "auto", device: Any = None, *, generic: bool | None =
         if device is None:
             device = array_api_compat.device(backend)
     name = _namespace_name(xp)
-    return Backend(name, xp, _resolve_device(name, xp, device), Ops.build(name, xp, generic=generic))
+    return Backend(name, xp, _resolve_device(name, xp, device), Ops.build(name, xp, generic=generic),
+                   generic)
 
 
 def available_backends() -> dict[str, str]:
