@@ -253,10 +253,10 @@ def _param(v: np.ndarray | None, dt: str, placeholder: np.ndarray) -> np.ndarray
     return placeholder if v is None else np.asarray(v, dtype=dt)
 
 
-def forward_stats(x: np.ndarray, weight, bias, running_mean, running_var, dtype: str, *,
-                  axis: int, eps: float = 1e-5, momentum: float = 0.1,
-                  param_dtype: str = "float32", wide: bool = True, seed: int = 0,
-                  sm_count: int = SM_COUNT):
+def stats_fused(x: np.ndarray, weight, bias, running_mean, running_var, dtype: str, *,
+                axis: int, eps: float = 1e-5, momentum: float = 0.1,
+                param_dtype: str = "float32", wide: bool = True, seed: int = 0,
+                sm_count: int = SM_COUNT):
     """The fused statistics kernel (xbn_stats_fused_*) as the CuPy wrapper launches it:
     returns ({mean, inv, scale, shift, new_running_mean, new_running_var}, plan); the running
     outputs are None without running statistics. Absent vectors get placeholders that the
@@ -304,7 +304,7 @@ def forward_stats(x: np.ndarray, weight, bias, running_mean, running_var, dtype:
     return result, plan
 
 
-def backward_coefficients(dy: np.ndarray, x: np.ndarray, mean, inv, weight, dtype: str, *,
+def backward_reduce_fused(dy: np.ndarray, x: np.ndarray, mean, inv, weight, dtype: str, *,
                           axis: int, param_dtype: str = "float32", wide: bool = True,
                           seed: int = 0, sm_count: int = SM_COUNT):
     """The fused backward reduction (xbn_backward_reduce_fused_*): returns

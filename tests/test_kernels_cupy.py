@@ -428,17 +428,17 @@ def test_fused_kernels_write_every_output(shape, axis, dtype):
     for pdt in ("float32", "float64"):
         w, b, rm, rv = _params(c, True, True, pdt, 38)
         out = tuple(_nan((c,), acc) for _ in range(4)) + tuple(_nan((c,), pdt) for _ in range(2))
-        got = kc.launch_forward_stats(x, w, b, rm, rv, axis=axis, eps=1e-5, momentum=0.1, out=out)
+        got = kc.launch_stats_fused(x, w, b, rm, rv, axis=axis, eps=1e-5, momentum=0.1, out=out)
         assert got is not None and all(g is o for g, o in zip(got, out))
         assert all(bool(cupy.isfinite(g).all()) for g in got)
         outb = tuple(_nan((c,), acc) for _ in range(5))
-        gotb = kc.launch_backward_coefficients(dy, x, got[0], got[1], w, axis=axis, out=outb)
+        gotb = kc.launch_backward_reduce_fused(dy, x, got[0], got[1], w, axis=axis, out=outb)
         assert gotb is not None and all(g is o for g, o in zip(gotb, outb))
         assert all(bool(cupy.isfinite(g).all()) for g in gotb)
     # without weight, bias or running statistics nothing else is touched
     out = tuple(_nan((c,), acc) for _ in range(4)) + (None, None)
-    got = kc.launch_forward_stats(x, None, None, None, None, axis=axis, eps=1e-5, momentum=0.1,
-                                  out=out)
+    got = kc.launch_stats_fused(x, None, None, None, None, axis=axis, eps=1e-5, momentum=0.1,
+                                out=out)
     assert got[4] is None and got[5] is None and all(bool(cupy.isfinite(g).all()) for g in got[:4])
 
 

@@ -260,8 +260,8 @@ def test_fused_epilogues_are_the_generic_formulas(index, dtype):
     rv = rng.uniform(0.5, 2.0, size=c).astype(pdt) if running else None
     eps, momentum = 1e-3, 0.3
 
-    fwd, plan = hk.forward_stats(x, w, b, rm, rv, dtype, axis=axis, eps=eps, momentum=momentum,
-                                 param_dtype=pdt, seed=5)
+    fwd, plan = hk.stats_fused(x, w, b, rm, rv, dtype, axis=axis, eps=eps, momentum=momentum,
+                               param_dtype=pdt, seed=5)
     mean, var, plain = hk.batch_stats(x, dtype, axis=axis, seed=5)
     assert (plan.grid, plan.block, plan.args) == (plain.grid, plain.block, plain.args)
     inv = F.invstd(var, eps=eps, xp=xnp)
@@ -287,7 +287,7 @@ def test_fused_epilogues_are_the_generic_formulas(index, dtype):
     y, _ = hk.scale_shift(x, fwd["scale"], fwd["shift"], dtype, axis=axis)
     assert _rel(hk.from_storage(y, dtype), want["y"]) <= 4 * OUTPUT_TOL[dtype]
 
-    bwd, plan = hk.backward_coefficients(dy, x, fwd["mean"], fwd["inv"], w, dtype, axis=axis,
+    bwd, plan = hk.backward_reduce_fused(dy, x, fwd["mean"], fwd["inv"], w, dtype, axis=axis,
                                          param_dtype=pdt, seed=6)
     s_dy, s_dy_xmu, plain = hk.backward_reduce(dy, x, fwd["mean"], dtype, axis=axis, seed=6)
     assert (plan.grid, plan.block, plan.args) == (plain.grid, plain.block, plain.args)
@@ -324,8 +324,8 @@ def test_fused_constant_channels_give_exactly_the_bias(shape, axis, dtype):
         moved[ch] = consts[(ch // 2) % len(consts)]
     acc = np.dtype(L.accumulator_dtype(dtype))
     bias = np.linspace(-1.5, 2.5, c).astype(np.float32)
-    fwd, _ = hk.forward_stats(x, np.full(c, 3.0, np.float32), bias, None, None, dtype,
-                              axis=axis, seed=4)
+    fwd, _ = hk.stats_fused(x, np.full(c, 3.0, np.float32), bias, None, None, dtype,
+                            axis=axis, seed=4)
     const = np.arange(c) % 2 == 0
     assert np.all(fwd["mean"][const] == hk.from_storage(np.moveaxis(x, axis, 0)[const, ...]
                                                         .reshape(const.sum(), -1)[:, 0], dtype))
@@ -347,8 +347,8 @@ def test_fused_reductions_are_bitwise_reproducible(shape, axis):
     rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
     runs = []
     for seed in (0, 1, 2):
-        fwd, plan = hk.forward_stats(x, w, b, rm, rv, "float32", axis=axis, seed=seed)
-        bwd, plan2 = hk.backward_coefficients(dy, x, fwd["mean"], fwd["inv"], w, "float32",
+        fwd, plan = hk.stats_fused(x, w, b, rm, rv, "float32", axis=axis, seed=seed)
+        bwd, plan2 = hk.backward_reduce_fused(dy, x, fwd["mean"], fwd["inv"], w, "float32",
                                               axis=axis, seed=seed)
         assert plan.parts > 1 and plan2.parts > 1, "the case must split channels over blocks"
         runs.append(b"".join(a.tobytes() for a in (*fwd.values(), *bwd.values())))

@@ -57,6 +57,7 @@ __all__ = [
     "arguments",
     "dtype_key",
     "accumulator_dtype",
+    "kernel_name",
     "plan_layout",
     "vector_width",
     "plan",
@@ -82,7 +83,10 @@ BLOCKS_PER_SM = 32
 #: Kernel families: one per pass op of :data:`xbn.backends.PASS_OPS` (``stats`` is
 #: ``batch_stats``), and the two reductions whose last block goes on with the per-channel work
 #: of a whole step (:data:`xbn.backends.STEP_OPS`): ``stats_fused`` (invstd, scale and shift,
-#: new running statistics) and ``backward_reduce_fused`` (dgamma, dbeta, dx's coefficients).
+#: new running statistics; the first launch of ``batch_norm_forward``) and
+#: ``backward_reduce_fused`` (dgamma, dbeta, dx's coefficients; the first launch of
+#: ``batch_norm_backward``). A family's name is its kernels' (:func:`kernel_name`) and its
+#: launcher's (``xbn.kernels.cupy.launch_<family>``; ``launch_batch_stats`` for ``stats``).
 OPS = ("stats", "backward_reduce", "scale_shift", "backward_apply", "stats_fused",
        "backward_reduce_fused")
 #: The families with a grid reduction (workspace and counters when parts > 1).
@@ -199,6 +203,15 @@ class LaunchPlan:
     counters: int
 
 
+def kernel_name(op: str, kind: str, vec: int) -> str:
+    """The entry point of family ``op`` for layout ``kind`` and vector width ``vec``.
+
+    >>> kernel_name("stats_fused", "nlc", 4)
+    'xbn_stats_fused_nlc_v4'
+    """
+    return f"xbn_{op}_{kind}_v{vec}"
+
+
 def plan_layout(shape: Iterable[int], axis: int, *, c_contiguous: bool) -> Layout | Fallback:
     """The layout the kernels see ``shape`` in with channel axis ``axis``, or why they do not.
 
@@ -278,7 +291,6 @@ def plan(
     if vec not in (1, 2, 4, 8):
         raise ValueError(f"vector width {vec} is not 1, 2, 4 or 8")
     reduction = op in REDUCTIONS
-    suffix = f"v{vec}"
     c = layout.channels
     if layout.kind == "ncl":
         if layout.inner % vec:
@@ -329,7 +341,7 @@ def plan(
         raise ValueError(f"unknown layout kind {layout.kind!r}")
     split = reduction and parts > 1
     return LaunchPlan(
-        kernel=f"xbn_{op}_{layout.kind}_{suffix}",
+        kernel=kernel_name(op, layout.kind, vec),
         grid=grid,
         block=block,
         args=args,
