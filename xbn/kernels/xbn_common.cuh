@@ -4,7 +4,9 @@
 // Compiled with exactly one of -DXBN_DTYPE_F32, -DXBN_DTYPE_F64, -DXBN_DTYPE_F16,
 // -DXBN_DTYPE_BF16. No CUDA header is included: NVRTC from the pip wheel ships none, and the
 // half/bfloat16 conversions below are one PTX instruction or a few integer operations.
-// xbn/kernels/cupy.py inlines this file where a .cu file includes it.
+// xbn/kernels/_source.py (kernel_source) inlines this file where a .cu file includes it, so
+// NVRTC (CuPy at run time, ci/check_kernels.py) needs no include path; the CPU emulator
+// (tests/cuda_host) includes it through -I like any header.
 
 #ifndef XBN_COMMON_CUH
 #define XBN_COMMON_CUH
