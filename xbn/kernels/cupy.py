@@ -602,8 +602,3 @@ def batch_norm_backward(
         dx = launch_scale_shift(dy, k_dy, None, axis=axis)
     return dx, dgamma, dbeta
 
-
-# Former names of launch_stats_fused and launch_backward_reduce_fused, until the GPU benchmark
-# (xbn/bench/gpu.py) calls them by the kernels' own names; not part of __all__.
-launch_forward_stats = launch_stats_fused
-launch_backward_coefficients = launch_backward_reduce_fused
