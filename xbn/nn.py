@@ -45,7 +45,16 @@ from .module import Module, Parameter
 
 Array = Any
 
-__all__ = ["Linear", "ReLU", "Sequential", "softmax_cross_entropy", "Conv2d", "GlobalAvgPool2d", "Flatten"]
+__all__ = [
+    "Linear",
+    "ReLU",
+    "Identity",
+    "Sequential",
+    "softmax_cross_entropy",
+    "Conv2d",
+    "GlobalAvgPool2d",
+    "Flatten",
+]
 
 
 class Linear(Module):
@@ -184,6 +193,39 @@ class ReLU(Module):
         dx = xp.where(mask, dy, xp.zeros_like(dy))
         self._release_saved()
         return dx
+
+
+class Identity(Module):
+    """Returns its input; the backward returns dy. The stand-in for a layer folded away.
+
+    :func:`xbn.fold_batchnorm` puts one where each folded BatchNorm was, so positions in a
+    Sequential and the other state_dict keys stay as they were (as torch's fusion does). Holds
+    no arrays; one backward per forward, as every layer.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from xbn.nn import Identity
+    >>> layer = Identity()
+    >>> x = np.array([1.0, -2.0])
+    >>> layer(x) is x, layer.backward(np.array([3.0, 4.0])).tolist()
+    (True, [3.0, 4.0])
+    """
+
+    def forward(self, x: Array, training: bool | None = None) -> Array:
+        _arrays.check_training_flag(training, self.training)
+        if not hasattr(x, "shape"):
+            raise TypeError(f"input must be an array, got {type(x).__name__}")
+        self._save_for_backward(tuple(x.shape))
+        return x
+
+    def backward(self, dy: Array) -> Array:
+        shape = self._saved_for_backward()
+        if not hasattr(dy, "shape") or tuple(dy.shape) != shape:
+            got = f"shape {tuple(dy.shape)}" if hasattr(dy, "shape") else type(dy).__name__
+            raise ValueError(f"dy must have the input's shape {shape}, got {got}")
+        self._release_saved()
+        return dy
 
 
 def _accepts_training(layer: Module) -> bool:
