@@ -8,6 +8,7 @@ from . import functional, nn, optim
 from .backends import BackendUnavailableError
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .module import BackwardBeforeForwardError, IncompatibleKeys, Module, Parameter
+from .renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,10 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchRenorm",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
     "Parameter",
     "IncompatibleKeys",
     "BackendUnavailableError",
