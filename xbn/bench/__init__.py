@@ -2,7 +2,9 @@
 
 ``--cpu`` runs :mod:`xbn.bench.cpu` (NumPy backend vs torch CPU), ``--gpu`` runs
 :mod:`xbn.bench.gpu` (CuPy kernels vs torch CUDA and the generic CuPy path). The scripts under
-``benchmarks/`` call the same modules.
+``benchmarks/`` call the same modules. The CPU benchmark's shapes are :data:`REFERENCE_SHAPES`
+below; the GPU benchmark's configurations, sized for DRAM rather than a GPU's L2, are
+``xbn.bench.gpu.REFERENCE`` (docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-#: REFERENCE.md C's shapes, float32: (shape, channel axis, label). Both benchmarks start here.
+#: The CPU benchmark's shapes, float32: (shape, channel axis, label) (docs/performance.md).
 REFERENCE_SHAPES: list[tuple[tuple[int, ...], int, str]] = [
     ((32, 64, 56, 56), 1, "NCHW"),
     ((128, 256, 14, 14), 1, "NCHW"),
