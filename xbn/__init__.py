@@ -7,6 +7,7 @@ when a layer is constructed and arrays stay on its device.
 from . import functional, nn, optim
 from .backends import BackendUnavailableError
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .lazy import LazyBatchNorm, LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from .module import BackwardBeforeForwardError, IncompatibleKeys, Module, Parameter
 from .renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
@@ -22,6 +23,10 @@ __all__ = [
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
+    "LazyBatchNorm",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
     "Parameter",
     "IncompatibleKeys",
     "BackendUnavailableError",
