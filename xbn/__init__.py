@@ -6,6 +6,7 @@ when a layer is constructed and arrays stay on its device.
 
 from . import functional, nn, optim
 from .backends import BackendUnavailableError
+from .fold import fold_batchnorm, fold_into_conv, fold_into_linear, freeze_batchnorm
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .lazy import LazyBatchNorm, LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from .module import BackwardBeforeForwardError, IncompatibleKeys, Module, Parameter
@@ -27,6 +28,10 @@ __all__ = [
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
+    "fold_into_linear",
+    "fold_into_conv",
+    "fold_batchnorm",
+    "freeze_batchnorm",
     "Parameter",
     "IncompatibleKeys",
     "BackendUnavailableError",
