@@ -25,13 +25,22 @@ REFERENCE_SHAPES: list[tuple[tuple[int, ...], int, str]] = [
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--cpu", dest="target", action="store_const", const="cpu",
-                       help="NumPy backend vs torch CPU (default)")
-    which.add_argument("--gpu", dest="target", action="store_const", const="gpu",
-                       help="CuPy kernels vs torch CUDA and the generic CuPy path")
+    which.add_argument(
+        "--cpu", dest="target", action="store_const", const="cpu", help="NumPy backend vs torch CPU (default)"
+    )
+    which.add_argument(
+        "--gpu",
+        dest="target",
+        action="store_const",
+        const="gpu",
+        help="CuPy kernels vs torch CUDA and the generic CuPy path",
+    )
     parser.set_defaults(target="cpu")
-    parser.add_argument("bench_args", nargs=argparse.REMAINDER,
-                        help="options passed to the benchmark (see xbn bench --cpu -- --help)")
+    parser.add_argument(
+        "bench_args",
+        nargs=argparse.REMAINDER,
+        help="options passed to the benchmark (see xbn bench --cpu -- --help)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
