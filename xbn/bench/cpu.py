@@ -46,13 +46,65 @@ COPY_BYTES = 256 << 20
 
 
 def _parse_shape(text: str) -> tuple[tuple[int, ...], int, str]:
-    """``32x64x56x56`` (channel axis 1) or ``32x56x56x64:-1``."""
+    """``32x64x56x56`` (channel axis 1) or ``32x56x56x64:-1``; ValueError names what is wrong."""
     dims, _, axis = text.partition(":")
-    shape = tuple(int(d) for d in dims.lower().split("x"))
-    ax = int(axis) if axis else 1
+    try:
+        shape = tuple(int(d) for d in dims.lower().split("x"))
+        ax = int(axis) if axis else 1
+    except ValueError:
+        raise ValueError(f"{text!r} is not like 32x64x56x56 or 32x56x56x64:-1") from None
+    if len(shape) < 2 or min(shape) < 1:
+        raise ValueError(f"{text!r}: a shape needs at least 2 dimensions, each at least 1")
+    if not -len(shape) <= ax < len(shape):
+        raise ValueError(f"{text!r}: channel axis {ax} is out of range for {len(shape)} dimensions")
+    if math.prod(shape) // shape[ax] < 2:
+        raise ValueError(f"{text!r}: training needs at least 2 values per channel")
     if ax % len(shape) == len(shape) - 1 and len(shape) > 2:
         return shape, ax, "NHWC" if len(shape) == 4 else "channels-last"
     return shape, ax, {2: "NC", 3: "NCL", 4: "NCHW", 5: "NCDHW"}.get(len(shape), "custom") if ax == 1 else "custom"
+
+
+def _shape_arg(text: str) -> tuple[tuple[int, ...], int, str]:
+    try:
+        return _parse_shape(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return n
+
+
+def _torch_can_compare(shape: tuple[int, ...], axis: int) -> bool:
+    """What _make_cases can hand to torch: channel axis 1, or NHWC as channels_last."""
+    nd = len(shape)
+    return axis % nd == 1 or (nd == 4 and axis % nd == 3)
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_writable(path: Path) -> str | None:
+    """Why ``path`` cannot be written, or None; opening it creates nothing that stays."""
+    existed = os.path.lexists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    if not existed:
+        path.unlink()
+    return None
 
 
 def _shape_name(shape: tuple[int, ...], axis: int) -> str:
@@ -466,13 +518,15 @@ def write_plot(path: Path, results: list[dict[str, Any]]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xbn bench --cpu", description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts (default: 1 2)")
-    p.add_argument("--shapes", nargs="+", default=None,
+    p.add_argument("--threads", type=_positive_int, nargs="+", default=[1, 2],
+                   help="thread counts (default: 1 2)")
+    p.add_argument("--shapes", type=_shape_arg, nargs="+", default=None,
                    help="shapes like 32x64x56x56 (channel axis 1) or 32x56x56x64:-1 (default: the reference set)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed repeats per case (default 15; inputs under 4 MiB at least 200)")
+    p.add_argument("--repeats", type=_positive_int, default=None,
+                   help="timed repeats per case, at least 1 (default 15; inputs under 4 MiB at least 200)")
     p.add_argument("--out", default="benchmarks/results", help="output folder (default: benchmarks/results)")
-    p.add_argument("--quick", action="store_true", help="3 repeats and a 64 MiB copy: a smoke run, not a measurement")
+    p.add_argument("--quick", action="store_true",
+                   help="3 repeats and a 64 MiB copy: a smoke run (not with --repeats)")
     p.add_argument("--engine", choices=["auto", "numpy", "numba"], default="auto",
                    help="xbn's NumPy fast paths: compiled loops when numba is installed (auto), or NumPy passes")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if it is installed")
@@ -481,8 +535,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    shapes = REFERENCE_SHAPES if not args.shapes else [_parse_shape(s) for s in args.shapes]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Every check below runs before any measurement, so that a bad option fails in a second and
+    # not after minutes of benchmarking.
+    most = 8 * (os.cpu_count() or 1)
+    for t in args.threads:
+        if t > most:
+            # a thread pool of that size measures the scheduler, and a huge one fails to start
+            parser.error(f"--threads {t}: more than 8 per logical CPU ({most} here)")
+    if args.quick and args.repeats is not None:
+        parser.error("--quick runs 3 repeats; give --quick or --repeats, not both")
+    shapes = args.shapes or REFERENCE_SHAPES
     with_torch = not args.no_torch
     if with_torch:
         try:
@@ -490,17 +554,41 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print("torch is not installed: comparing with the naive NumPy reference only", file=sys.stderr)
             with_torch = False
+    if with_torch:
+        for shape, axis, _ in shapes:
+            if not _torch_can_compare(shape, axis):
+                parser.error(f"--shapes {_shape_name(shape, axis)}: the torch comparison needs channel "
+                             "axis 1 or NHWC (4-D, axis -1); add --no-torch to time it without torch")
+    memory = _memory_bytes()
+    for shape, axis, _ in shapes:
+        # x and dy, each implementation's outputs and saved tensors, the naive one's temporaries
+        need = 16 * math.prod(shape) * 4
+        if memory and need > memory:
+            parser.error(f"--shapes {_shape_name(shape, axis)}: needs about {need / 2**30:.1f} GiB, "
+                         f"more than this machine's {memory / 2**30:.1f} GiB")
     # numba's default OpenMP layer shares libgomp with torch and disturbs it (torch's OpenMP
     # thread count reset, its 2-thread small-shape step 100x slower); this process launches
     # numba loops from one thread only, which the plain work queue layer supports
     os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
     from xbn.kernels import numpy as kn
 
-    kn.set_engine(args.engine)
+    try:
+        kn.set_engine(args.engine)
+    except ImportError as e:
+        parser.error(f"--engine {args.engine}: {e}")
     engine = kn.get_engine()
-    print(f"xbn NumPy fast paths on the {engine} engine", flush=True)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        parser.error(f"--out {out}: not a folder")
+    except OSError as e:
+        parser.error(f"--out {out}: cannot create the folder ({e.strerror or e})")
+    for name in ["cpu.json", "cpu.md"] + ([] if args.no_plot else ["cpu.png"]):
+        why = _check_writable(out / name)
+        if why:
+            parser.error(f"--out {out}: cannot write {name} there ({why})")
+    print(f"xbn NumPy fast paths on the {engine} engine", flush=True)
     copy_bytes = (64 << 20) if args.quick else COPY_BYTES
 
     bandwidth: dict[int, list[float]] = {}
