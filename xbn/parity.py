@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -190,10 +191,22 @@ def format_table(results: list[CaseResult]) -> str:
     return "\n".join(lines)
 
 
+def _seed(text: str) -> int:
+    # NumPy's generators take non-negative integers only, and would say so from inside the run
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if seed < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return seed
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
         action="append",
+        choices=[*backends.KNOWN_BACKENDS, "auto"],
         default=None,
         help="backend to check; repeatable (default: every known backend, "
         "those that cannot run here are listed as skipped)",
@@ -201,32 +214,69 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", action="append", choices=list(TOLERANCE), default=None)
     parser.add_argument("--layout", action="append", choices=list(LAYOUTS), default=None)
     parser.add_argument("--mode", action="append", choices=list(MODES), default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_seed, default=0, help="non-negative (default 0)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 
+def _error(message: str) -> int:
+    print(f"xbn parity: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _unique(values: list[str] | None) -> list[str] | None:
+    """Repeated choices run once."""
+    return None if values is None else list(dict.fromkeys(values))
+
+
 def run(args: argparse.Namespace) -> int:
-    names = args.backend or list(backends.KNOWN_BACKENDS)
-    t0 = time.perf_counter()
-    results, skipped = run_matrix(
-        names, dtypes=args.dtype, layouts=args.layout, modes=args.mode, seed=args.seed
-    )
-    print(format_table(results))
-    for name, reason in skipped.items():
-        print(f"skipped {name}: {reason}")
-    failed = [r for r in results if not r.passed]
-    print(
-        f"\n{len(results) - len(failed)} passed, {len(failed)} failed "
-        f"({len(skipped)} backends skipped) in {time.perf_counter() - t0:.1f} s"
-    )
+    names = _unique(args.backend) or list(backends.KNOWN_BACKENDS)
+    json_file, created = None, False
     if args.json:
-        with open(args.json, "w") as fh:
+        # Opened before the matrix runs, so that an unwritable path fails at once rather than
+        # after every case; append mode leaves an existing file intact until the results are in.
+        created = not os.path.lexists(args.json)
+        try:
+            json_file = open(args.json, "a")  # noqa: SIM115 - closed in the finally below
+        except OSError as e:
+            return _error(f"--json {args.json}: cannot write there ({e.strerror or e})")
+    wrote = False
+    try:
+        t0 = time.perf_counter()
+        results, skipped = run_matrix(
+            names,
+            dtypes=_unique(args.dtype),
+            layouts=_unique(args.layout),
+            modes=_unique(args.mode),
+            seed=args.seed,
+        )
+        if results:
+            print(format_table(results))
+        for name, reason in skipped.items():
+            print(f"skipped {name}: {reason}")
+        failed = [r for r in results if not r.passed]
+        print(
+            f"\n{len(results) - len(failed)} passed, {len(failed)} failed "
+            f"({len(skipped)} backends skipped) in {time.perf_counter() - t0:.1f} s"
+        )
+        if json_file is not None:
+            json_file.seek(0)
+            json_file.truncate()
             json.dump(
                 {"results": [asdict(r) | {"passed": r.passed} for r in results], "skipped": skipped},
-                fh,
+                json_file,
                 indent=1,
             )
+            wrote = True
+    finally:
+        if json_file is not None:
+            json_file.close()
+            if created and not wrote:
+                os.remove(args.json)
     if not results:
-        print("no case ran: no requested backend is usable here", file=sys.stderr)
+        why = [f"{name} cannot run here: {reason}" for name, reason in skipped.items()]
+        usable = [name for name in names if name not in skipped]
+        if usable:  # they ran no case, so the --dtype filter left none of theirs
+            why.append(f"{', '.join(usable)} has none of the dtypes {', '.join(args.dtype or ())}")
+        print(f"no case ran: {'; '.join(why)}", file=sys.stderr)
         return 1
     return 1 if failed else 0
