@@ -858,7 +858,26 @@ def test_import_xbn_needs_neither_mpi4py_nor_cupy():
     assert "ImportError: MPI communication needs mpi4py and an MPI library" in out.stdout
 
 
+def _gpu_sync_check(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(ROOT / "ci" / "gpu_sync_check.py"), "--dry-run", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_gpu_sync_check_logic_on_the_cpu():
+    """ci/gpu_sync_check.py's checks with NumPy arrays: what the GPU tier runs, minus the GPU."""
+    res = _gpu_sync_check("--no-mpi")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "2 of 2 checks passed" in res.stdout
+
+
 # -- MPI: in this process (a world of one), then under mpiexec ---------------------------------
+
+
+def test_gpu_sync_check_logic_on_the_cpu_with_mpi(mpi_ready):
+    res = _gpu_sync_check()
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "5 of 5 checks passed" in res.stdout
 
 
 def _mpi_problem() -> str | None:
