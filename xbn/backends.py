@@ -60,37 +60,71 @@ Array = Any
 
 
 class BatchStats(Protocol):
-    def __call__(self, x: Array, /, *, axis: int,
-                 xp: ModuleType | None = None) -> tuple[Array, Array]: ...
+    def __call__(self, x: Array, /, *, axis: int, xp: ModuleType | None = None) -> tuple[Array, Array]: ...
 
 
 class ScaleShift(Protocol):
-    def __call__(self, x: Array, scale: Array, shift: Array | None, /, *, axis: int,
-                 xp: ModuleType | None = None) -> Array: ...
+    def __call__(
+        self, x: Array, scale: Array, shift: Array | None, /, *, axis: int, xp: ModuleType | None = None
+    ) -> Array: ...
 
 
 class BackwardReduce(Protocol):
-    def __call__(self, dy: Array, x: Array, mean: Array, /, *, axis: int,
-                 xp: ModuleType | None = None) -> tuple[Array, Array]: ...
+    def __call__(
+        self, dy: Array, x: Array, mean: Array, /, *, axis: int, xp: ModuleType | None = None
+    ) -> tuple[Array, Array]: ...
 
 
 class BackwardApply(Protocol):
-    def __call__(self, dy: Array, x: Array, mean: Array, k_dy: Array, k_xmu: Array,
-                 k_const: Array, /, *, axis: int, xp: ModuleType | None = None) -> Array: ...
+    def __call__(
+        self,
+        dy: Array,
+        x: Array,
+        mean: Array,
+        k_dy: Array,
+        k_xmu: Array,
+        k_const: Array,
+        /,
+        *,
+        axis: int,
+        xp: ModuleType | None = None,
+    ) -> Array: ...
 
 
 class BatchNormForward(Protocol):
-    def __call__(self, x: Array, weight: Array | None, bias: Array | None,
-                 running_mean: Array | None, running_var: Array | None, /, *, axis: int,
-                 eps: float = 1e-5, momentum: float = 0.1, xp: ModuleType | None = None,
-                 ops: Any = None) -> tuple[Array, Array, Array, Array | None, Array | None]: ...
+    def __call__(
+        self,
+        x: Array,
+        weight: Array | None,
+        bias: Array | None,
+        running_mean: Array | None,
+        running_var: Array | None,
+        /,
+        *,
+        axis: int,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        xp: ModuleType | None = None,
+        ops: Any = None,
+    ) -> tuple[Array, Array, Array, Array | None, Array | None]: ...
 
 
 class BatchNormBackward(Protocol):
-    def __call__(self, dy: Array, x: Array, mean: Array, inv: Array, weight: Array | None, /,
-                 *, axis: int, batch_stats_used: bool = True, need_param_grads: bool = True,
-                 xp: ModuleType | None = None,
-                 ops: Any = None) -> tuple[Array, Array | None, Array | None]: ...
+    def __call__(
+        self,
+        dy: Array,
+        x: Array,
+        mean: Array,
+        inv: Array,
+        weight: Array | None,
+        /,
+        *,
+        axis: int,
+        batch_stats_used: bool = True,
+        need_param_grads: bool = True,
+        xp: ModuleType | None = None,
+        ops: Any = None,
+    ) -> tuple[Array, Array | None, Array | None]: ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,8 +157,7 @@ class Ops(PassOps):
         kernels = {} if generic else registered_kernels(name)
         passes = PassOps(**{op: _bind(op, kernels.get(op), xp=xp) for op in PASS_OPS})
         steps = {op: _bind(op, kernels.get(op), xp=xp, ops=passes) for op in STEP_OPS}
-        return cls(**{op: getattr(passes, op) for op in PASS_OPS}, **steps,
-                   fast=tuple(sorted(kernels)))
+        return cls(**{op: getattr(passes, op) for op in PASS_OPS}, **steps, fast=tuple(sorted(kernels)))
 
 
 #: The operations a fast path may replace, each named as its function in :mod:`xbn.functional`
@@ -286,9 +319,7 @@ def _cuda_usable() -> bool:
 
 def _namespace_for(name: str) -> ModuleType:
     if name == "numpy":
-        import array_api_compat.numpy as xp
-
-        return xp
+        return importlib.import_module("array_api_compat.numpy")
     if name == "cupy":
         try:
             import cupy  # noqa: F401
@@ -302,25 +333,21 @@ def _namespace_for(name: str) -> ModuleType:
                 "backend 'cupy' needs a usable CUDA device, but CuPy sees none here "
                 "(no GPU or no driver); use backend='numpy'"
             )
-        import array_api_compat.cupy as xp
-
-        return xp
+        return importlib.import_module("array_api_compat.cupy")
     if name == "torch":
         try:
-            import array_api_compat.torch as xp
+            return importlib.import_module("array_api_compat.torch")
         except ImportError as e:
             raise BackendUnavailableError(
                 "backend 'torch' needs PyTorch; install it with pip install torch"
             ) from e
-        return xp
     if name == "array_api_strict":
         try:
-            import array_api_strict as xp
+            return importlib.import_module("array_api_strict")
         except ImportError as e:
             raise BackendUnavailableError(
                 "backend 'array_api_strict' needs pip install array-api-strict"
             ) from e
-        return xp
     raise ValueError(
         f"unknown backend {name!r}; expected 'auto', one of {KNOWN_BACKENDS}, "
         "an array namespace module, or an example array"
@@ -394,8 +421,7 @@ def resolve(backend: Any = "auto", device: Any = None, *, generic: bool | None =
         if device is None:
             device = array_api_compat.device(backend)
     name = _namespace_name(xp)
-    return Backend(name, xp, _resolve_device(name, xp, device), Ops.build(name, xp, generic=generic),
-                   generic)
+    return Backend(name, xp, _resolve_device(name, xp, device), Ops.build(name, xp, generic=generic), generic)
 
 
 def available_backends() -> dict[str, str]:

@@ -32,8 +32,8 @@ Layout(kind='nlc', outer=4096, channels=1024, inner=1)
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 __all__ = [
     "MAX_THREADS",
@@ -311,7 +311,7 @@ def plan(
             raise ValueError(f"C={c} exceeds the grid's x limit")
         grid = (c, parts, 1)
         block = (threads, 1, 1)
-        args = (layout.outer, c, sv, chunk)
+        args: tuple[int, ...] = (layout.outer, c, sv, chunk)
         columns = c
     elif layout.kind == "nlc":
         if c % vec:
