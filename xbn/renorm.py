@@ -106,8 +106,8 @@ def renorm_corrections(
 
 
 def _clip(a: Array, lo: float, hi: float, xp: ModuleType) -> Array:
-    # minimum/maximum rather than clip: array-api-compat's clip costs ~100 us a call on C-sized
-    # arrays, more than the rest of a small layer's step
+    # minimum/maximum rather than clip: array-api-compat's clip checks and broadcasts its bounds
+    # on every call, a quarter of a small layer's training step (C = 64, batch 4, NumPy)
     return xp.minimum(xp.maximum(a, xp.full_like(a, lo)), xp.full_like(a, hi))
 
 
