@@ -1,4 +1,4 @@
-"""Layer semantics (REFERENCE.md A): defaults, modes, running statistics, state, gradients."""
+"""Layer semantics (docs/semantics.md): defaults, modes, running statistics, state, gradients."""
 
 from __future__ import annotations
 

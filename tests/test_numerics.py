@@ -1,4 +1,4 @@
-"""Numerics (REFERENCE.md B): large offsets, constant channels, low-precision inputs."""
+"""Numerics (docs/numerics.md): large offsets, constant channels, low-precision inputs."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The float64 NumPy reference for batch norm, and the one way xbn measures an error against it.
 
-The formulas are written out from PyTorch's definitions (REFERENCE.md A.2, A.3, A.6, A.11) in
+The formulas are written out from PyTorch's definitions (docs/semantics.md sections 3 to 5) in
 plain NumPy and float64, deliberately independent of :mod:`xbn.functional`, so that a mistake
 there cannot hide in both. The test suite and ``xbn parity`` both compare against this module,
 and tests/test_torch_parity.py checks it against torch itself.
