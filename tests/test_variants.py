@@ -949,6 +949,9 @@ def test_fold_batchnorm_leaves_non_matching_pairs(backend):
     assert type(xbn.fold_batchnorm(model)[1]) is xbn.nn.Identity
     model = xbn.nn.Sequential(xbn.nn.Linear(3, 4, seed=0, **kw), xbn.BatchNorm2d(4, **kw)).eval()
     assert type(xbn.fold_batchnorm(model)[1]) is xbn.BatchNorm2d
+    # axis 3 is out of range for the Linear's 2-D output: the model fails, and is left to fail
+    model = xbn.nn.Sequential(xbn.nn.Linear(3, 4, seed=0, **kw), xbn.BatchNorm(4, axis=3, **kw)).eval()
+    assert type(xbn.fold_batchnorm(model)[1]) is xbn.BatchNorm
     alone = xbn.BatchNorm1d(3, **kw).eval()
     assert type(xbn.fold_batchnorm(alone)) is xbn.BatchNorm1d
 

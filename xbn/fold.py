@@ -184,7 +184,7 @@ def _follows(bn: Module, rank: int) -> bool:
     if not isinstance(bn, BatchNorm):
         return False
     valid = bn._valid_ndims
-    return (valid is None or rank in valid) and bn.axis % rank == 1
+    return (valid is None or rank in valid) and bn.axis in (1, 1 - rank)
 
 
 def _pairs(model: Module) -> list[tuple[str, Module, str, Module, str]]:
