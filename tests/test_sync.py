@@ -14,6 +14,7 @@ Three worlds:
 from __future__ import annotations
 
 import copy
+import json
 import os
 import pickle
 import shutil
@@ -970,3 +971,28 @@ def test_mpi_unhandled_bad_input_exits_every_process_nonzero(mpi_ready):
     assert res.returncode != 0
     assert "ValueError: expected 3 channels on axis 1, got 2" in res.stdout, res.stdout
     assert "PeerInputError: SyncBatchNorm: the input of process 1 (of 2)" in res.stdout, res.stdout
+
+
+def test_sync_benchmark_runs(mpi_ready, tmp_path):
+    """benchmarks/sync.py end to end on small shapes: tables and JSON with every column."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "sync.py"),
+        "--quick",
+        "--shapes",
+        "4x3x4x4",
+        "8x5",
+        "--out",
+        str(tmp_path),
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    data = json.loads((tmp_path / "sync.json").read_text())
+    assert [row["shape"] for row in data["rows"]] == [[4, 3, 4, 4], [8, 5]]
+    assert [row["bytes_per_step"] for row in data["rows"]] == [8 * (5 * 3 + 3), 8 * (5 * 5 + 3)]
+    for row in data["rows"]:
+        for key in ("alone_ms", "local_ms", "sync_ms", "in_allreduce_ms", "allreduce_fwd_us"):
+            assert row[key] > 0, key
+    table = (tmp_path / "sync.md").read_text()
+    assert "| 4x3x4x4 | 2x3x4x4 | 3 |" in table and "| 8x5 | 4x5 | 5 |" in table
