@@ -21,7 +21,6 @@ import sys
 import traceback
 
 import numpy as np
-from mpi4py import MPI
 
 import xbn
 from xbn.distributed import MPICommunicator
@@ -107,4 +106,6 @@ if __name__ == "__main__":
         traceback.print_exc()
         sys.stdout.flush()
         sys.stderr.flush()
+        from mpi4py import MPI  # imported here: pytest imports this file (doctests) without MPI
+
         MPI.COMM_WORLD.Abort(1)
