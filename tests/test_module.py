@@ -275,3 +275,20 @@ def test_torch_state_dict_loads_strictly_into_xbn(backend):
     with torch.no_grad():
         want = tmodel(torch.as_tensor(x)).numpy()
     np.testing.assert_allclose(to_numpy(model(to_backend(backend, x))), want, rtol=1e-5, atol=1e-6)
+
+
+def test_replacing_a_registered_name_keeps_its_place():
+    model = Sequential(ReLU(), Linear(2, 2, backend="numpy", seed=0), ReLU())
+    model.add_module("0", Linear(2, 2, backend="numpy", seed=1))
+    assert [n for n, _ in model.named_children()] == ["0", "1", "2"]
+    assert isinstance(model[0], Linear)
+    assert list(model.state_dict())[:2] == ["0.weight", "0.bias"]
+
+
+def test_failed_forward_in_a_sequential_leaves_a_lazy_layer_lazy(backend):
+    model = Sequential(xbn.LazyBatchNorm1d(backend=backend.xp), Linear(5, 2, backend=backend.xp, seed=0))
+    with pytest.raises(ValueError, match=r"\(N, 5\)"):
+        model(_x(backend))  # the lazy layer takes 6 channels, then Linear refuses them
+    assert type(model[0]) is xbn.LazyBatchNorm1d
+    with pytest.raises(xbn.lazy.UninitializedError):
+        model.parameters()

@@ -689,11 +689,6 @@ def test_lazy_in_a_model(backend):
     assert "1.running_mean" in model.state_dict()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Module.named_parameters reads each module's registry directly, with no hook a lazy child "
-    "could raise from, so a model's parameters() skips a lazy layer silently (see docs/variants.md)",
-)
 def test_model_parameters_before_a_lazy_layers_first_input_raise(backend):
     model = xbn.nn.Sequential(
         xbn.nn.Linear(3, 5, backend=backend.name, seed=0), xbn.LazyBatchNorm1d(backend=backend.name)

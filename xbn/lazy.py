@@ -30,12 +30,11 @@ xbn.lazy.UninitializedError: LazyBatchNorm1d has no parameters before its first 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from . import _arrays
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .module import Module, Parameter
+from .module import Module
 
 Array = Any
 
@@ -180,14 +179,9 @@ class LazyBatchNorm(BatchNorm):
             raise _UninitializedAttribute(str(self._uninitialized(name)))
         return super().__getattr__(name)
 
-    def named_parameters(self) -> Iterator[tuple[str, Parameter]]:
-        raise self._uninitialized("parameters")
-
-    def parameters(self) -> list[Parameter]:
-        raise self._uninitialized("parameters")
-
-    def named_buffers(self) -> Iterator[tuple[str, Any]]:
-        raise self._uninitialized("buffers")
+    def _check_ready(self, what: str) -> None:
+        # Module asks every module of a tree, so a model's parameters() raises here too.
+        raise self._uninitialized(what)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Nothing to clear before the first input."""

@@ -75,6 +75,9 @@ class IncompatibleKeys(NamedTuple):
     unexpected_keys: list[str]
 
 
+_REGISTRIES = ("_parameters", "_buffers", "_modules")
+
+
 class Module:
     """Base class of xbn's layers: registered parameters, buffers and children, in order.
 
@@ -112,11 +115,9 @@ class Module:
             raise AttributeError(f"{type(self).__name__}.__init__ must call Module.__init__() first")
         buffers, modules = d["_buffers"], d["_modules"]
         if isinstance(value, Parameter):
-            self._unregister(name)
-            params[name] = value
+            self._register("_parameters", name, value)
         elif isinstance(value, Module):
-            self._unregister(name)
-            modules[name] = value
+            self._register("_modules", name, value)
         elif name in params:
             if value is not None:
                 raise TypeError(
@@ -136,7 +137,7 @@ class Module:
     def __getattr__(self, name: str) -> Any:
         # Only reached when ordinary lookup fails: the registered names live in the registries.
         d = self.__dict__
-        for registry in ("_parameters", "_buffers", "_modules"):
+        for registry in _REGISTRIES:
             entries = d.get(registry)
             if entries is not None and name in entries:
                 return entries[name]
@@ -149,30 +150,43 @@ class Module:
     def _unregister(self, name: str) -> bool:
         d = self.__dict__
         found = False
-        for registry in ("_parameters", "_buffers", "_modules"):
+        for registry in _REGISTRIES:
             if name in d[registry]:
                 del d[registry][name]
                 found = True
         d.pop(name, None)
         return found
 
+    def _register(self, registry: str, name: str, value: Any) -> None:
+        """Put ``value`` under ``name`` in ``registry``; a name already there keeps its place
+        (the order is the forward order of a Sequential and the order of state_dict keys)."""
+        d = self.__dict__
+        for other in _REGISTRIES:
+            if other != registry:
+                d[other].pop(name, None)
+        d.pop(name, None)
+        d[registry][name] = value
+
     def register_parameter(self, name: str, param: Parameter | None) -> None:
         """Register a parameter slot; None keeps the slot empty (no state_dict entry)."""
         if param is not None and not isinstance(param, Parameter):
             raise TypeError(f"{name!r} must be an xbn.Parameter or None, got {type(param).__name__}")
-        self._unregister(name)
-        self.__dict__["_parameters"][name] = param
+        self._register("_parameters", name, param)
 
     def register_buffer(self, name: str, value: Any) -> None:
         """Register state that is not learned: an array, None, or an int counter."""
-        self._unregister(name)
-        self.__dict__["_buffers"][name] = value
+        self._register("_buffers", name, value)
 
     def add_module(self, name: str, module: Module | None) -> None:
         if module is not None and not isinstance(module, Module):
             raise TypeError(f"{name!r} must be an xbn.Module, got {type(module).__name__}")
-        self._unregister(name)
-        self.__dict__["_modules"][name] = module
+        self._register("_modules", name, module)
+
+    def _check_ready(self, what: str) -> None:
+        """Raise if this module has no ``what`` (parameters, buffers, state) to give yet.
+
+        Every module is ready from its constructor on, except a lazy one before its first input.
+        """
 
     # -- backend ---------------------------------------------------------------------------
 
@@ -234,6 +248,7 @@ class Module:
         """Every parameter of the tree with its dotted name, each Parameter once."""
         seen: set[int] = set()
         for pre, m in self.named_modules():
+            m._check_ready("parameters")
             for name, p in m._parameters.items():
                 if p is not None and id(p) not in seen:
                     seen.add(id(p))
@@ -244,6 +259,7 @@ class Module:
 
     def named_buffers(self) -> Iterator[tuple[str, Any]]:
         for pre, m in self.named_modules():
+            m._check_ready("buffers")
             for name, b in m._buffers.items():
                 if b is not None:
                     yield (f"{pre}.{name}" if pre else name), b
@@ -298,25 +314,31 @@ class Module:
         d = self.__dict__
         d["_saved"], d["_saved_consumed"] = None, True
 
-    def _snapshot(self) -> list[tuple[Module, dict[str, Any], list[tuple[Parameter, Any, Any]], Any, bool]]:
-        """References to the mutable state of every module in the tree.
+    def _snapshot(self) -> list[tuple[Module, type, dict[str, Any], list[tuple[Parameter, Any, Any]]]]:
+        """What restores every module of the tree after a failed call: class, attributes,
+        registries, and each parameter's data and grad.
 
         State is replaced, never written in place (running statistics, grads, parameter data are
-        all new arrays), so putting these references back undoes a failed call exactly.
+        all new arrays), so shallow copies are exact. The class is kept because a lazy layer
+        becomes another class on its first input.
         """
-        return [
-            (m, dict(m._buffers), [(p, p.data, p.grad) for p in m._parameters.values() if p is not None],
-             m.__dict__["_saved"], m.__dict__["_saved_consumed"])
-            for m in self.modules()
-        ]
+        snap = []
+        for m in self.modules():
+            attrs = dict(m.__dict__)
+            for registry in _REGISTRIES:
+                attrs[registry] = dict(attrs[registry])
+            params = [(p, p.data, p.grad) for p in attrs["_parameters"].values() if p is not None]
+            snap.append((m, type(m), attrs, params))
+        return snap
 
     @staticmethod
-    def _restore(snapshot: list[tuple[Module, dict[str, Any], list[tuple[Parameter, Any, Any]], Any, bool]]) -> None:
-        for m, buffers, params, saved, consumed in snapshot:
-            m._buffers.update(buffers)
+    def _restore(snapshot: list[tuple[Module, type, dict[str, Any], list[tuple[Parameter, Any, Any]]]]) -> None:
+        for m, cls, attrs, params in snapshot:
+            object.__setattr__(m, "__class__", cls)
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
             for p, data, grad in params:
                 p.data, p.grad = data, grad
-            m.__dict__["_saved"], m.__dict__["_saved_consumed"] = saved, consumed
 
     def _accumulate_grad(self, p: Parameter, g: Array) -> None:
         """Add ``g`` to ``p.grad`` (as torch does across backward calls), in the parameter's dtype.
@@ -348,6 +370,7 @@ class Module:
         """
         sd: dict[str, Array] = {}
         for pre, m in self.named_modules():
+            m._check_ready("state to save")
             for name in m._state_names():
                 v = m._state_value(name)
                 xp = m.xp

@@ -31,6 +31,7 @@ Examples
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Iterable, Iterator
@@ -228,9 +229,11 @@ class Identity(Module):
         return dy
 
 
-def _accepts_training(layer: Module) -> bool:
+@functools.cache
+def _accepts_training(cls: type) -> bool:
+    """Whether ``cls.forward`` takes ``training=`` (BatchNorm does; a user's module may not)."""
     try:
-        return "training" in inspect.signature(layer.forward).parameters
+        return "training" in inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -262,7 +265,6 @@ class Sequential(Module):
                 )
         for i, layer in enumerate(layers):
             self.add_module(str(i), layer)
-        self._takes_training = [_accepts_training(layer) for layer in layers]
 
     @property
     def layers(self) -> list[Module]:
@@ -283,8 +285,9 @@ class Sequential(Module):
         # updates then, so that a failed call leaves the whole model as it was.
         snapshot = self._snapshot()
         try:
-            for layer, takes in zip(self.children(), self._takes_training):
-                x = layer.forward(x, training=training) if takes and training is not None else layer.forward(x)
+            for layer in self.children():
+                takes = training is not None and _accepts_training(type(layer))
+                x = layer.forward(x, training=training) if takes else layer.forward(x)
         except BaseException:
             self._restore(snapshot)
             raise
