@@ -253,9 +253,9 @@ def test_training_reads_back_only_scalars(monkeypatch):
     assert len(hist.test_acc) == 2
     steps = data.n_train // 64
     assert all(shape == () for _, shape in reads), reads
-    assert [m for m, _ in reads].count("__float__") == 2 * 2  # loss and accuracy, per epoch
-    assert [m for m, _ in reads].count("__bool__") == 2 * steps  # the label check, per batch
-    assert len(reads) == 2 * (steps + 2)
+    floats = [m for m, _ in reads].count("__float__")
+    assert floats == 2 * 2  # loss and accuracy, per epoch
+    assert len(reads) - floats <= 2 * steps  # at most the label check, per batch
 
 
 # -- outputs and arguments: checked before any training ---------------------------------------
