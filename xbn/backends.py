@@ -47,6 +47,7 @@ __all__ = [
     "BackwardApply",
     "BatchNormForward",
     "BatchNormBackward",
+    "BatchNormInference",
     "available_backends",
     "register_kernel",
     "registered_kernels",
@@ -127,6 +128,23 @@ class BatchNormBackward(Protocol):
     ) -> tuple[Array, Array | None, Array | None]: ...
 
 
+class BatchNormInference(Protocol):
+    def __call__(
+        self,
+        x: Array,
+        weight: Array | None,
+        bias: Array | None,
+        running_mean: Array,
+        running_var: Array,
+        /,
+        *,
+        axis: int,
+        eps: float = 1e-5,
+        xp: ModuleType | None = None,
+        ops: Any = None,
+    ) -> Array: ...
+
+
 @dataclass(frozen=True, eq=False)
 class PassOps:
     """The single passes over the data, bound to one namespace: what the whole-step ops compose
@@ -142,14 +160,16 @@ class PassOps:
 class Ops(PassOps):
     """Every hot operation bound to one namespace: a fast path where registered, else generic.
 
-    The whole-step ops are a training forward and a whole backward, which the generic path
-    composes from the passes; a backend registers them where fusing the per-channel work into
-    its passes pays (on a GPU every small per-channel array operation is a kernel launch).
+    The whole-step ops are a training forward, a whole backward and an eval-mode forward, which
+    the generic path composes from the passes; a backend registers them where fusing the
+    per-channel work into its passes pays (on a GPU every small per-channel array operation is
+    a kernel launch).
     ``fast``: the ops that have a registered fast path (each still falls back per call).
     """
 
     batch_norm_forward: BatchNormForward
     batch_norm_backward: BatchNormBackward
+    batch_norm_inference: BatchNormInference
     fast: tuple[str, ...] = field(default=(), metadata={"op": False})
 
     @classmethod

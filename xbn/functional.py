@@ -44,6 +44,8 @@ __all__ = [
     "batch_norm_forward",
     "batch_norm_train",
     "batch_norm_backward",
+    "batch_norm_inference",
+    "eval_statistics",
     "values_per_channel",
 ]
 
@@ -363,6 +365,61 @@ def batch_norm_train(
     ops = _GENERIC if ops is None else ops
     y, mean, inv, _, _ = ops.batch_norm_forward(x, weight, bias, None, None, axis=axis, eps=eps, xp=xp)
     return y, mean, inv
+
+
+def eval_statistics(
+    running_mean: Array,
+    running_var: Array,
+    /,
+    *,
+    dtype: Any,
+    eps: float,
+    xp: ModuleType | None = None,
+) -> tuple[Array, Array]:
+    """(mean, invstd) that an eval-mode forward of an input of ``dtype`` normalizes with.
+
+    They are in the dtype that holds both the input's compute dtype and the running
+    statistics' (float64 statistics with float32 input give float64), as
+    :func:`batch_norm_inference` computes them; a backward of that forward takes these.
+    """
+    xp = _ns(xp, running_mean)
+    cdt = xp.result_type(compute_dtype(dtype, xp=xp), running_mean.dtype)
+    return _cast(running_mean, cdt, xp), invstd(_cast(running_var, cdt, xp), eps=eps, xp=xp)
+
+
+def batch_norm_inference(
+    x: Array,
+    weight: Array | None,
+    bias: Array | None,
+    running_mean: Array,
+    running_var: Array,
+    /,
+    *,
+    axis: int,
+    eps: float = 1e-5,
+    xp: ModuleType | None = None,
+    ops: Any = None,
+) -> Array:
+    """Eval-mode forward: ``x`` normalized with the running statistics, which stay as they are.
+
+    y = (x - running_mean) * invstd * weight + bias with invstd = 1 / sqrt(running_var + eps),
+    computed in the dtype of :func:`eval_statistics` and returned in x's dtype. One op for the
+    whole forward, so that a backend can compute the per-channel coefficients inside its one
+    pass over ``x`` (the CUDA kernel does); a zero running variance marks no constant channel.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from xbn.functional import batch_norm_inference
+    >>> x = np.array([[1.0], [3.0]])
+    >>> batch_norm_inference(x, None, np.array([0.5]), np.array([2.0]), np.array([4.0]),
+    ...                      axis=1, eps=0.0).ravel().tolist()
+    [0.0, 1.0]
+    """
+    xp = _ns(xp, x)
+    ops = _GENERIC if ops is None else ops
+    mean, inv = eval_statistics(running_mean, running_var, dtype=x.dtype, eps=eps, xp=xp)
+    return normalize(x, mean, inv, weight, bias, axis=axis, xp=xp, ops=ops)
 
 
 def batch_norm_backward(
