@@ -9,6 +9,7 @@ they were.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,26 @@ class SavedForward:
     axis: int
     #: what a variant's own backward needs beside these (ghost groups, renorm's r and d)
     extra: Any = None
+
+
+@dataclass(frozen=True)
+class _EvalStatistics:
+    """The running statistics an eval-mode forward normalized with, as ``SavedForward.extra``.
+
+    The forward's mean and invstd are computed from them by :meth:`resolve`, in a backward: an
+    inference forward then costs no per-channel array operations of its own. (Running
+    statistics are replaced by new arrays, never changed in place by xbn, so these stay the
+    forward's, as PyTorch keeps them for its eval-mode backward.)
+    """
+
+    running_mean: Array
+    running_var: Array
+    eps: float
+
+    def resolve(self, saved: SavedForward, xp: Any) -> SavedForward:
+        mean, inv = F.eval_statistics(self.running_mean, self.running_var, dtype=saved.x.dtype,
+                                      eps=self.eps, xp=xp)
+        return dataclasses.replace(saved, mean=mean, invstd=inv, extra=None)
 
 
 class BatchNorm(Module):
@@ -189,11 +210,12 @@ class BatchNorm(Module):
                 self.running_mean, self.running_var = _arrays.detach(new_mean), _arrays.detach(new_var)
                 self.num_batches_tracked = nbt
         else:
-            cdt = xp.result_type(F.compute_dtype(x.dtype, xp=xp), self._dtype)
-            mean = xp.astype(self.running_mean, cdt)
-            inv = F.invstd(xp.astype(self.running_var, cdt), eps=self.eps, xp=xp)
-            # no var=: running statistics mark no constant channel, x need not equal their mean
-            y = F.normalize(x, mean, inv, w, b, axis=axis, xp=xp, ops=self._backend.ops)
+            # One op (one launch on a GPU). The mean and invstd it normalized with are derived
+            # from the running statistics only if a backward asks, which inference never does.
+            rm, rv = self.running_mean, self.running_var
+            y = self._backend.ops.batch_norm_inference(x, w, b, rm, rv, axis=axis, eps=self.eps)
+            mean = inv = None
+            extra = _EvalStatistics(rm, rv, self.eps)
         self._save_for_backward(SavedForward(x, mean, inv, w, call.batch_stats, axis, extra))
         return y
 
@@ -266,6 +288,8 @@ class BatchNorm(Module):
         dy = _arrays.check_array(self._backend, dy, "dy")
         _arrays.check_like(dy, saved.x)
         xp = self.xp
+        if isinstance(saved.extra, _EvalStatistics):
+            saved = saved.extra.resolve(saved, xp)
         if saved.mean is None:  # empty batch: separate zeros, so the two grads never alias
             dx = xp.empty_like(dy)
             dgamma, dbeta = (xp.zeros((self.num_features,), dtype=self._dtype, device=self.device)
