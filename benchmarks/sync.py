@@ -13,7 +13,9 @@ to 1):
 * pair, sync: ``mpiexec -n 2``, each process running SyncBatchNorm over MPICommunicator on its
   half, interleaved with the local runs.
 
-The overhead of synchronization is pair-sync minus pair-local. A step's time is the slower
+The overhead of synchronization is pair-sync minus pair-local, taken per round (the two run
+back to back in each round, so a slow moment of a shared machine hits both) and reported as
+the median over the rounds with its interquartile range. A step's time is the slower
 process's (the processes start each step together, after a barrier), the median over the
 repeats. Before every timed step each process copies a 256 MiB buffer, so x and dy come from
 DRAM as in a network too large for the cache. Also reported: the all-reduce alone for the
@@ -226,7 +228,8 @@ def write_markdown(path: Path, data: dict[str, Any]) -> None:
         "of the batch. alone: one process, BatchNorm on its half. pair local: two processes at "
         "once (mpiexec -n 2), BatchNorm on their halves, no communication. pair sync: the same two "
         "processes, SyncBatchNorm over MPICommunicator. A pair's step takes as long as its slower "
-        "process (both start after a barrier). overhead = pair sync - pair local. in all-reduce: "
+        "process (both start after a barrier). overhead: pair sync - pair local of the same round, "
+        "median over the rounds, and its interquartile range. in all-reduce: "
         "the time a sync step spends inside its two all-reduces, waiting for the other process "
         "included (median over the steps, of the process that wrote the table). all-reduce: "
         "MPI's sum of the forward's / the backward's buffer alone (median of 200). bytes: what "
@@ -234,14 +237,16 @@ def write_markdown(path: Path, data: dict[str, Any]) -> None:
         "backward 8 (2C + 1) for a world of up to 52 processes).",
         "",
         "| shape | half per process | C | alone ms | pair local ms | pair sync ms | overhead ms | "
-        "overhead % | in all-reduce ms | all-reduce fwd us | all-reduce bwd us | bytes per step |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "overhead IQR ms | overhead % | in all-reduce ms | all-reduce fwd us | all-reduce bwd us "
+        "| bytes per step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in data["rows"]:
-        over = row["sync_ms"] - row["local_ms"]
+        over, (q1, q3) = row["overhead_ms"], row["overhead_iqr_ms"]
         lines.append(
             f"| {'x'.join(map(str, row['shape']))} | {'x'.join(map(str, row['half']))} | {row['shape'][1]} "
             f"| {row['alone_ms']:.2f} | {row['local_ms']:.2f} | {row['sync_ms']:.2f} | {over:.2f} "
+            f"| {q1:.2f} to {q3:.2f} "
             f"| {100 * over / row['local_ms']:.1f} | {row['in_allreduce_ms']:.2f} "
             f"| {row['allreduce_fwd_us']:.1f} | {row['allreduce_bwd_us']:.1f} | {row['bytes_per_step']} |"
         )
@@ -292,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
                 **{k: v for k, v in p.items() if k not in ("shape", "half")},
             }
         )
+    for row in rows:
+        paired = sorted(s - loc for s, loc in zip(row["sync_samples"], row["local_samples"]))
+        q = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
+        row["overhead_ms"], row["overhead_iqr_ms"] = statistics.median(paired), [q[0], q[2]]
     machine = machine_info()
     try:
         import numba
@@ -320,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     write_markdown(args.out / "sync.md", data)
     print(f"wrote {args.out / 'sync.md'} and sync.json", flush=True)
     for row in rows:
-        over = row["sync_ms"] - row["local_ms"]
+        over = row["overhead_ms"]
         print(
             f"{'x'.join(map(str, row['shape']))}: overhead {over:.2f} ms "
             f"({100 * over / row['local_ms']:.1f} %), {row['bytes_per_step']} bytes per step",
