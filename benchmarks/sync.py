@@ -222,19 +222,20 @@ def write_markdown(path: Path, data: dict[str, Any]) -> None:
         f"{meta['loadavg_before'][0]:.2f} / {meta['loadavg_after'][0]:.2f} on {m.get('usable_cpus', '?')} "
         "cores (above 0 means other processes shared the machine).",
         "",
-        f"Command: `{meta['command']}`. float32, training step = forward + backward, every process "
-        f"on one thread; median of {meta['repeats']} interleaved repeats, each after a "
-        f"{meta['flush_mib']} MiB copy that evicts x and dy from the caches. Each process holds half "
-        "of the batch. alone: one process, BatchNorm on its half. pair local: two processes at "
-        "once (mpiexec -n 2), BatchNorm on their halves, no communication. pair sync: the same two "
-        "processes, SyncBatchNorm over MPICommunicator. A pair's step takes as long as its slower "
-        "process (both start after a barrier). overhead: pair sync - pair local of the same round, "
-        "median over the rounds, and its interquartile range. in all-reduce: "
-        "the time a sync step spends inside its two all-reduces, waiting for the other process "
-        "included (median over the steps, of the process that wrote the table). all-reduce: "
-        "MPI's sum of the forward's / the backward's buffer alone (median of 200). bytes: what "
-        "each process hands to the all-reduce per step (float64 buffers: forward 8 (3C + 2), "
-        "backward 8 (2C + 1) for a world of up to 52 processes).",
+        f"Command: `{meta['command']}` at commit {meta['commit']}. float32, training step = "
+        f"forward + backward, every process on one thread; median of {meta['repeats']} "
+        f"interleaved repeats, each after a {meta['flush_mib']} MiB copy that evicts x and dy "
+        "from the caches. Each process holds half of the batch. alone: one process, BatchNorm on "
+        "its half. pair local: two processes at once (mpiexec -n 2), BatchNorm on their halves, "
+        "no communication. pair sync: the same two processes, SyncBatchNorm over "
+        "MPICommunicator. A pair's step takes as long as its slower process (both start after a "
+        "barrier). overhead: pair sync - pair local of the same round, median over the rounds, "
+        "and its interquartile range. in all-reduce: the time a sync step spends inside its two "
+        "all-reduces, waiting for the other process included (median over the steps, of the "
+        "process that wrote the table). all-reduce: MPI's sum of the forward's / the backward's "
+        "buffer alone (median of 200). bytes: what each process hands to the all-reduce per step "
+        "(float64 buffers: forward 8 (3C + 2), backward 8 (2C + 1) for a world of up to 52 "
+        "processes).",
         "",
         "| shape | half per process | C | alone ms | pair local ms | pair sync ms | overhead ms | "
         "overhead IQR ms | overhead % | in all-reduce ms | all-reduce fwd us | all-reduce bwd us "
@@ -309,7 +310,21 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         machine["numba"] = None
     shapes = " ".join("x".join(map(str, s)) for s in args.shapes)
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "xbn"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        commit += " (xbn/ modified)" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
     meta = {
+        "commit": commit,
         "machine": machine,
         "engine": pair["engine"],
         "mpi4py": pair["mpi4py"],
