@@ -55,11 +55,11 @@ fi
 WHEELS=${XBN_WHEELS:-$ROOT/.whl}
 
 # -- the plan ----------------------------------------------------------------------------------
-STEPS=(deps env pytest parity bench sanitize memcheck racecheck synccheck initcheck nvrtc)
-declare -A BUDGET=([deps]=8 [env]=12 [pytest]=65 [parity]=15 [bench]=40 [sanitize]=10
-                   [memcheck]=20 [racecheck]=25 [synccheck]=12 [initcheck]=15 [nvrtc]=20)
-declare -A LOG=([deps]=env.log [env]=env.log [pytest]=tests.log [parity]=tests.log
-                [bench]=bench.log [sanitize]=sanitizer.log [memcheck]=sanitizer.log
+STEPS=(deps env pytest parity sync bench demo sanitize memcheck racecheck synccheck initcheck nvrtc)
+declare -A BUDGET=([deps]=8 [env]=12 [pytest]=65 [parity]=15 [sync]=15 [bench]=40 [demo]=30
+                   [sanitize]=10 [memcheck]=20 [racecheck]=25 [synccheck]=12 [initcheck]=15 [nvrtc]=20)
+declare -A LOG=([deps]=env.log [env]=env.log [pytest]=tests.log [parity]=tests.log [sync]=tests.log
+                [bench]=bench.log [demo]=bench.log [sanitize]=sanitizer.log [memcheck]=sanitizer.log
                 [racecheck]=sanitizer.log [synccheck]=sanitizer.log [initcheck]=sanitizer.log
                 [nvrtc]=tests.log)
 declare -A WHAT=(
@@ -67,6 +67,8 @@ declare -A WHAT=(
     [env]="nvidia-smi, driver, CUDA, CuPy, torch, xbn info"
     [pytest]="pytest --backend cupy -k cupy, tests/test_kernels_cupy*.py first"
     [parity]="xbn parity --backend cupy"
+    [sync]="ci/gpu_sync_check.py: SyncBatchNorm on CuPy over NCCL and MPI host staging, world of one"
+    [demo]="xbn demo --model cnn, 3 epochs on NumPy and CuPy: seconds per epoch into summary.json"
     [bench]="xbn bench --gpu: reference shapes, K launches per event pair, vs torch and generic"
     [sanitize]="ci/sanitize_kernels.py alone: compile, coverage, results"
     [memcheck]="compute-sanitizer --tool memcheck, representative set"
@@ -226,6 +228,8 @@ import xbn, xbn.backends, xbn.info, xbn.parity, xbn.bench.gpu, xbn.kernels.cupy,
     # shellcheck disable=SC2046  # word splitting of the argument list is intended
     check "step pytest: the CuPy tier collects tests" "$PY" -m pytest --collect-only $(pytest_args)
     check "step parity: python -m xbn parity --help" "$PY" -m xbn parity --help
+    check "step sync: ci/gpu_sync_check.py --dry-run --no-mpi" "$PY" ci/gpu_sync_check.py --dry-run --no-mpi
+    check "step demo: python -m xbn demo --help" "$PY" -m xbn demo --help
     check "step bench: xbn bench --gpu -- --plan" "$PY" -m xbn bench --gpu -- --plan \
         --budget-s "$((BUDGET[bench] - BENCH_STARTUP))"
     check "step sanitize: ci/sanitize_kernels.py --list" "$PY" ci/sanitize_kernels.py --list
@@ -370,8 +374,31 @@ need_deps() {  # need_deps STEP KIND COMMAND...: run the step if xbn imports, el
 # shellcheck disable=SC2046  # word splitting of the argument list is intended
 need_deps pytest pytest "$PY" -m pytest $(pytest_args)
 need_deps parity plain "$PY" -m xbn parity --backend cupy
+sync_check() {  # MPI is optional on the GPU machine: without a loadable MPI library, NCCL alone
+    if "$PY" -c "from mpi4py import MPI" > /dev/null 2>&1; then
+        "$PY" ci/gpu_sync_check.py
+    else
+        echo "mpi4py finds no MPI library here: the MPICommunicator checks are skipped"
+        "$PY" ci/gpu_sync_check.py --no-mpi
+    fi
+}
+need_deps sync plain sync_check
 need_deps bench plain "$PY" -m xbn bench --gpu -- --out "$OUT" --name bench --outputs json \
     --summary "$OUT/summary.json" --budget-s "$((BUDGET[bench] - BENCH_STARTUP))"
+
+demo_cnn() {  # seconds per epoch of xbn demo --model cnn on NumPy and CuPy, into summary.json
+    local dir b rc=0 sets=()
+    "$PY" -c "import sklearn, matplotlib, tqdm, threadpoolctl" || { echo "the demo needs scikit-learn, matplotlib, tqdm, threadpoolctl"; return 3; }
+    dir=$(mktemp -d) || return 2
+    for b in numpy cupy; do
+        "$PY" -m xbn demo --model cnn --backend "$b" --epochs 3 --quiet --out "$dir/$b" --json "$dir/$b.json" || rc=1
+        [ -f "$dir/$b.json" ] && sets+=(--set "demo_cnn_${b}_s_per_epoch=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["median_epoch_seconds"])' "$dir/$b.json")")
+    done
+    tier record --out "$OUT" --step demo ${sets[@]+"${sets[@]}"} > /dev/null
+    rm -rf "$dir"
+    return "$rc"
+}
+need_deps demo plain demo_cnn
 
 # 6. compute-sanitizer over the representative set
 need_deps sanitize plain "$PY" ci/sanitize_kernels.py
