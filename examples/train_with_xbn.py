@@ -69,7 +69,7 @@ def main() -> None:
         # Your backward pass, with xbn's backward where the BN layer sits.
         dw2, db2 = r.T @ dlogits, dlogits.sum(axis=0)
         da = (dlogits @ w2.T) * (a > 0)
-        dh = bn.backward(da)                   # fills bn.weight.grad and bn.bias.grad
+        dh = bn.backward(da)  # fills bn.weight.grad and bn.bias.grad
         dw1, db1 = xb.T @ dh, dh.sum(axis=0)
 
         # Plain SGD on your arrays and on BN's gamma and beta.
@@ -77,7 +77,7 @@ def main() -> None:
             param -= args.lr * grad
         for p_bn in bn.parameters():
             p_bn.data = p_bn.data - args.lr * p_bn.grad
-            p_bn.grad = None                   # BN grads accumulate, as in PyTorch: clear them
+            p_bn.grad = None  # BN grads accumulate, as in PyTorch: clear them
 
         if step % max(1, args.steps // 5) == 0 or step == args.steps:
             print(f"step {step:5d}  loss {loss:.4f}")

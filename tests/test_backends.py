@@ -68,7 +68,7 @@ def test_cupy_unavailable_says_what_to_install_or_why():
 
 
 def test_bad_device_is_a_value_error():
-    with pytest.raises(ValueError, match="device .* is not usable with backend 'array_api_strict'"):
+    with pytest.raises(ValueError, match=r"device .* is not usable with backend 'array_api_strict'"):
         backends.resolve("array_api_strict", device="no-such-device")
 
 
@@ -82,8 +82,12 @@ def test_every_public_method_keeps_arrays_on_the_layer_backend(backend, layout):
     shape, axis = ((4, 3, 5, 5), 1) if layout == "NCHW" else ((4, 5, 5, 3), -1)
     bn = xbn.BatchNorm(3, axis=axis, backend=b.name, device=b.device)
     assert bn.backend == b.name and bn.xp is xp and bn.device == b.device
-    for name, a in (("weight", bn.weight.data), ("bias", bn.bias.data),
-                    ("running_mean", bn.running_mean), ("running_var", bn.running_var)):
+    for name, a in (
+        ("weight", bn.weight.data),
+        ("bias", bn.bias.data),
+        ("running_mean", bn.running_mean),
+        ("running_var", bn.running_var),
+    ):
         _assert_owned(b, a, name)
     x = xp.asarray(rng.normal(size=shape).astype(np.float32), device=b.device)
     y = bn(x)
@@ -115,11 +119,15 @@ def test_input_of_another_backend_is_a_type_error_naming_both(backend):
         other = array_api_strict.ones((4, 3))
     bn = xbn.BatchNorm1d(3, backend=backend.name)
     before = {k: _host(v).tobytes() for k, v in bn.state_dict().items()}
-    with pytest.raises(TypeError, match=rf"backend '{backend.name}'.*got .*{type(other).__module__.split('.')[0]}"):
+    with pytest.raises(
+        TypeError, match=rf"backend '{backend.name}'.*got .*{type(other).__module__.split('.')[0]}"
+    ):
         bn(other)
     assert {k: _host(v).tobytes() for k, v in bn.state_dict().items()} == before
-    bn(backend.xp.ones((4, 3), dtype=backend.xp.float32, device=backend.device) + backend.xp.reshape(
-        backend.xp.arange(4, dtype=backend.xp.float32, device=backend.device), (4, 1)))
+    bn(
+        backend.xp.ones((4, 3), dtype=backend.xp.float32, device=backend.device)
+        + backend.xp.reshape(backend.xp.arange(4, dtype=backend.xp.float32, device=backend.device), (4, 1))
+    )
     with pytest.raises(TypeError, match="dy must be an array of the layer's backend"):
         bn.backward(other)
 
@@ -133,8 +141,7 @@ def test_array_api_strict_device_propagation_and_device_mismatch():
     x = xps.reshape(xps.arange(2 * 2 * 3 * 3, dtype=xps.float32, device=dev1), (2, 2, 3, 3))
     y = bn(x)
     dx = bn.backward(xps.ones_like(y))
-    for what, a in (("y", y), ("dx", dx), ("weight.grad", bn.weight.grad),
-                    ("running_var", bn.running_var)):
+    for what, a in (("y", y), ("dx", dx), ("weight.grad", bn.weight.grad), ("running_var", bn.running_var)):
         _assert_owned(b, a, what)
     on_cpu = xps.asarray(_host(x))
     assert on_cpu.device != dev1
@@ -182,8 +189,9 @@ def test_registered_fast_path_is_used_and_generic_forcing_skips_it(monkeypatch):
         return xbn.functional.scale_shift(x, scale, shift, axis=axis, xp=xp)
 
     backends.registered_kernels("numpy")  # load the real table first, then add the spy to it
-    monkeypatch.setitem(backends._KERNELS, "numpy", {**backends._KERNELS.get("numpy", {}),
-                                                     "scale_shift": spy_scale_shift})
+    monkeypatch.setitem(
+        backends._KERNELS, "numpy", {**backends._KERNELS.get("numpy", {}), "scale_shift": spy_scale_shift}
+    )
     x = np.ones((4, 2), dtype=np.float32) + np.arange(4, dtype=np.float32)[:, None]
     bn = xbn.BatchNorm1d(2, backend="numpy")
     assert "scale_shift" in bn._backend.ops.fast
@@ -238,8 +246,7 @@ def test_seam_uses_what_a_fast_path_returns(monkeypatch):
     sentinel = (np.zeros(3), np.ones(3))
     ops = _seam_ops(monkeypatch, {"batch_stats": lambda x, /, *, axis, xp=None: sentinel})
     assert ops.batch_stats(_rows(), axis=1) is sentinel
-    generic = _seam_ops(monkeypatch, {"batch_stats": lambda x, /, *, axis, xp=None: sentinel},
-                        generic=True)
+    generic = _seam_ops(monkeypatch, {"batch_stats": lambda x, /, *, axis, xp=None: sentinel}, generic=True)
     assert generic.fast == ()
     assert generic.batch_stats(_rows(), axis=1) is not sentinel
 
@@ -253,6 +260,7 @@ def test_generic_step_ops_compose_the_fast_passes(monkeypatch):
         def fast(*args, **kwargs):
             calls.append(op)
             return answer(*args, **kwargs)
+
         return fast
 
     generic = {op: getattr(xbn.functional, op) for op in backends.PASS_OPS}
@@ -266,16 +274,23 @@ def test_generic_step_ops_compose_the_fast_passes(monkeypatch):
     w, b = np.linspace(0.5, 1.5, 3), np.linspace(-1.0, 1.0, 3)
     want_f = xbn.functional.batch_norm_forward(x, w, b, np.zeros(3), np.ones(3), axis=1)
     want_b = xbn.functional.batch_norm_backward(dy, x, want_f[1], want_f[2], w, axis=1)
-    for steps in ({}, {"batch_norm_forward": spy("batch_norm_forward", lambda *a, **k: NotImplemented),
-                       "batch_norm_backward": spy("batch_norm_backward", lambda *a, **k: NotImplemented)}):
+    for steps in (
+        {},
+        {
+            "batch_norm_forward": spy("batch_norm_forward", lambda *a, **k: NotImplemented),
+            "batch_norm_backward": spy("batch_norm_backward", lambda *a, **k: NotImplemented),
+        },
+    ):
         calls.clear()
         ops = _seam_ops(monkeypatch, {**kernels, **steps})
         got_f = ops.batch_norm_forward(x, w, b, np.zeros(3), np.ones(3), axis=1)
         got_b = ops.batch_norm_backward(dy, x, got_f[1], got_f[2], w, axis=1)
         first = ["batch_norm_forward"] if steps else []
         assert calls[: len(first) + 2] == [*first, "batch_stats", "scale_shift"]
-        assert calls[len(first) + 2:] == (["batch_norm_backward"] if steps else []) + [
-            "backward_reduce", "backward_apply"]
+        assert calls[len(first) + 2 :] == (["batch_norm_backward"] if steps else []) + [
+            "backward_reduce",
+            "backward_apply",
+        ]
         for g, v in zip((*got_f, *got_b), (*want_f, *want_b)):
             np.testing.assert_array_equal(g, v)
 
@@ -322,15 +337,19 @@ def test_op_protocols_have_the_generic_signatures():
 
 
 def _pickle_cases():
-    cases = [("numpy", None, False), ("numpy", None, True), ("array_api_strict", None, False),
-             ("array_api_strict", "device1", False), ("array_api_strict", "device1", True)]
+    cases = [
+        ("numpy", None, False),
+        ("numpy", None, True),
+        ("array_api_strict", None, False),
+        ("array_api_strict", "device1", False),
+        ("array_api_strict", "device1", True),
+    ]
     if importlib.util.find_spec("torch") is not None:
         cases += [("torch", None, False), ("torch", "cpu", True)]
     return cases
 
 
-@pytest.mark.parametrize(("name", "device", "generic"), _pickle_cases(),
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize(("name", "device", "generic"), _pickle_cases(), ids=lambda v: str(v))
 def test_backend_survives_deepcopy_and_pickle(name, device, generic, monkeypatch):
     import copy
     import pickle

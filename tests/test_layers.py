@@ -134,10 +134,12 @@ def test_training_steps_match_reference(backend, cls, kw, shape, axis, momentum)
     dy = _x(shape, seed=98)
     y = bn(to_backend(backend, x))
     dx = bn.backward(to_backend(backend, dy))
-    f = ref.forward(x, axis=axis, weight=w, bias=b, eps=1e-3, running_mean=rm, running_var=rv,
-                    use_batch_stats=False)
-    g = ref.backward(dy, x, axis=axis, weight=w, eps=1e-3, running_mean=rm, running_var=rv,
-                     use_batch_stats=False)
+    f = ref.forward(
+        x, axis=axis, weight=w, bias=b, eps=1e-3, running_mean=rm, running_var=rv, use_batch_stats=False
+    )
+    g = ref.backward(
+        dy, x, axis=axis, weight=w, eps=1e-3, running_mean=rm, running_var=rv, use_batch_stats=False
+    )
     assert_close(to_numpy(y), f["y"], 1e-12, "eval y")
     assert_close(to_numpy(dx), g["dx"], 1e-12, "eval dx")
     assert_close(to_numpy(bn.weight.grad), g["dgamma"], 1e-11, "eval dgamma")
@@ -412,8 +414,15 @@ def test_load_state_dict_copies_its_input(backend):
 
 def test_load_state_dict_casts_float64_to_layer_dtype(backend):
     bn = xbn.BatchNorm1d(2, backend=backend.name)
-    bn.load_state_dict({"weight": np.ones(2), "bias": np.zeros(2), "running_mean": np.ones(2),
-                        "running_var": np.ones(2) * 3, "num_batches_tracked": 4})
+    bn.load_state_dict(
+        {
+            "weight": np.ones(2),
+            "bias": np.zeros(2),
+            "running_mean": np.ones(2),
+            "running_var": np.ones(2) * 3,
+            "num_batches_tracked": 4,
+        }
+    )
     assert bn.running_var.dtype == backend.xp.float32 and bn.num_batches_tracked == 4
 
 

@@ -59,11 +59,23 @@ def test_package_exports_module_and_nn():
 def test_registration_order_and_prefixed_keys(backend):
     model = _model(backend)
     assert list(model.state_dict()) == [
-        "0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var",
-        "1.num_batches_tracked", "3.weight", "3.bias",
+        "0.weight",
+        "0.bias",
+        "1.weight",
+        "1.bias",
+        "1.running_mean",
+        "1.running_var",
+        "1.num_batches_tracked",
+        "3.weight",
+        "3.bias",
     ]
     assert [n for n, _ in model.named_parameters()] == [
-        "0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias",
+        "0.weight",
+        "0.bias",
+        "1.weight",
+        "1.bias",
+        "3.weight",
+        "3.bias",
     ]
     assert [n for n, _ in model.named_modules()] == ["", "0", "1", "2", "3"]
     nbt = model.state_dict()["1.num_batches_tracked"]
@@ -121,7 +133,9 @@ def test_load_state_dict_strict_and_not(backend):
     keys = fresh.load_state_dict(sd, strict=False)
     assert keys.missing_keys == ["3.bias"] and keys.unexpected_keys == ["extra.weight"]
     np.testing.assert_array_equal(to_numpy(fresh[0].weight.data), to_numpy(src[0].weight.data))
-    np.testing.assert_array_equal(to_numpy(fresh[3].bias.data), to_numpy(_model(backend, seed=5)[3].bias.data))
+    np.testing.assert_array_equal(
+        to_numpy(fresh[3].bias.data), to_numpy(_model(backend, seed=5)[3].bias.data)
+    )
 
 
 def test_load_state_dict_is_atomic_over_the_tree(backend):

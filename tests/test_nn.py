@@ -42,6 +42,7 @@ def dev_array(backend, host):
 
 # -- Linear ----------------------------------------------------------------------------------
 
+
 def test_linear_gradients(backend):
     rng = np.random.default_rng(0)
     lin = Linear(5, 3, backend=backend.xp, device=backend.device, dtype="float64", seed=1)
@@ -121,7 +122,9 @@ def test_linear_rejects_bad_inputs(backend):
         with pytest.raises(TypeError, match="backend"):
             lin.forward(np.ones((2, 3), dtype=np.float32))
     with pytest.raises(xbn.BackwardBeforeForwardError):
-        Linear(3, 2, backend=backend.xp, seed=0).backward(dev_array(backend, np.ones((2, 2), dtype=np.float32)))
+        Linear(3, 2, backend=backend.xp, seed=0).backward(
+            dev_array(backend, np.ones((2, 2), dtype=np.float32))
+        )
     with pytest.raises(ValueError):
         Linear(0, 2, backend="numpy")
     with pytest.raises(ValueError, match="not both"):
@@ -129,6 +132,7 @@ def test_linear_rejects_bad_inputs(backend):
 
 
 # -- ReLU ------------------------------------------------------------------------------------
+
 
 def test_relu_gradient(backend):
     rng = np.random.default_rng(1)
@@ -147,6 +151,7 @@ def test_relu_gradient(backend):
 
 
 # -- softmax cross-entropy -------------------------------------------------------------------
+
 
 def test_softmax_cross_entropy_value_and_gradient(backend):
     rng = np.random.default_rng(2)
@@ -187,6 +192,7 @@ def test_softmax_cross_entropy_validates_labels(backend):
 
 
 # -- Sequential with BatchNorm1d -------------------------------------------------------------
+
 
 def _mlp(backend, seed=0):
     rng = np.random.default_rng(seed)

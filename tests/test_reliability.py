@@ -93,8 +93,9 @@ def test_second_backward_of_one_forward_raises(backend, make):
         "bn": lambda: xbn.BatchNorm1d(3, backend=backend.xp),
         "linear": lambda: Linear(3, 3, backend=backend.xp, seed=0),
         "relu": ReLU,
-        "sequential": lambda: Sequential(Linear(3, 3, backend=backend.xp, seed=0),
-                                         xbn.BatchNorm1d(3, backend=backend.xp), ReLU()),
+        "sequential": lambda: Sequential(
+            Linear(3, 3, backend=backend.xp, seed=0), xbn.BatchNorm1d(3, backend=backend.xp), ReLU()
+        ),
     }[make]()
     y = layer(_x(backend))
     dy = backend.xp.ones_like(y)

@@ -186,7 +186,9 @@ def move_array(a: Array, target: Backend, dtype: Any) -> Array:
     return out if out.dtype == dtype else xp.astype(out, dtype)
 
 
-def check_channels(x: Any, num_features: int, axis: int, valid_ndims: tuple[int, ...] | None, owner: str) -> int:
+def check_channels(
+    x: Any, num_features: int, axis: int, valid_ndims: tuple[int, ...] | None, owner: str
+) -> int:
     """Rank and channel count of a layer input; returns the channel axis as a non-negative index."""
     ndim, shape = x.ndim, tuple(x.shape)
     if valid_ndims is not None and ndim not in valid_ndims:

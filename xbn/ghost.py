@@ -107,14 +107,17 @@ def forward(
         inv = F.invstd(var, eps=eps, xp=xp)
         scale, shift = F.scale_shift_coefficients(mean, inv, weight, bias, var=var, xp=xp)
         y = xg * _broadcast(scale, xg.ndim, channel, xp) + _broadcast(shift, xg.ndim, channel, xp)
-        ys.append(xp.reshape(y if y.dtype == x.dtype else xp.astype(y, x.dtype),
-                             (stop - start,) + tuple(x.shape[1:])))
+        ys.append(
+            xp.reshape(
+                y if y.dtype == x.dtype else xp.astype(y, x.dtype), (stop - start,) + tuple(x.shape[1:])
+            )
+        )
         count = math.prod(xg.shape[a] for a in _reduced_axes(xg.ndim, channel))
         means.append(mean)
         variances.append(var)
         invs.append(inv)
         unbiased.append(var * (count / (count - 1)))
-    cat = (lambda parts: parts[0] if len(parts) == 1 else xp.concat(parts, axis=0))  # noqa: E731
+    cat = lambda parts: parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)  # noqa: E731
     y, mean, inv = cat(ys), cat(means), cat(invs)
     if running_mean is None or running_var is None:
         return y, mean, inv, None, None, split
@@ -146,17 +149,24 @@ def backward(
         xg, dyg = _grouped(x, start, stop, g, xp), _grouped(dy, start, stop, g, xp)
         xg = xg if xg.dtype == cdt else xp.astype(xg, cdt)
         dyg = dyg if dyg.dtype == cdt else xp.astype(dyg, cdt)
-        m, iv = mean[row:row + g, ...], inv[row:row + g, ...]
+        m, iv = mean[row : row + g, ...], inv[row : row + g, ...]
         row += g
         axes = _reduced_axes(xg.ndim, channel)
         xmu = xg - _broadcast(m, xg.ndim, channel, xp)
         sum_dy, sum_dy_xmu = xp.sum(dyg, axis=axes), xp.sum(dyg * xmu, axis=axes)
         count = math.prod(xg.shape[a] for a in axes)
         k_dy, k_xmu, k_const = F.backward_coefficients(sum_dy, sum_dy_xmu, iv, weight, count=count, xp=xp)
-        dxg = (dyg * _broadcast(k_dy, xg.ndim, channel, xp) + xmu * _broadcast(k_xmu, xg.ndim, channel, xp)
-               + _broadcast(k_const, xg.ndim, channel, xp))
-        dxs.append(xp.reshape(dxg if dxg.dtype == dy.dtype else xp.astype(dxg, dy.dtype),
-                              (stop - start,) + tuple(dy.shape[1:])))
+        dxg = (
+            dyg * _broadcast(k_dy, xg.ndim, channel, xp)
+            + xmu * _broadcast(k_xmu, xg.ndim, channel, xp)
+            + _broadcast(k_const, xg.ndim, channel, xp)
+        )
+        dxs.append(
+            xp.reshape(
+                dxg if dxg.dtype == dy.dtype else xp.astype(dxg, dy.dtype),
+                (stop - start,) + tuple(dy.shape[1:]),
+            )
+        )
         dg, db = xp.sum(sum_dy_xmu * iv, axis=0), xp.sum(sum_dy, axis=0)
         dgamma = dg if dgamma is None else dgamma + dg
         dbeta = db if dbeta is None else dbeta + db

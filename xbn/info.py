@@ -9,8 +9,17 @@ import platform
 
 from . import __version__, backends
 
-_DISTRIBUTIONS = ("numpy", "array-api-compat", "array-api-strict", "torch", "cupy-cuda12x",
-                  "cupy-cuda13x", "mpi4py", "scikit-learn", "matplotlib")
+_DISTRIBUTIONS = (
+    "numpy",
+    "array-api-compat",
+    "array-api-strict",
+    "torch",
+    "cupy-cuda12x",
+    "cupy-cuda13x",
+    "mpi4py",
+    "scikit-learn",
+    "matplotlib",
+)
 
 
 def _version(dist: str) -> str | None:
@@ -31,8 +40,10 @@ def _cuda_lines() -> list[str]:
         for i in range(rt.getDeviceCount()):
             props = rt.getDeviceProperties(i)
             name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-            lines.append(f"GPU {i}: {name}, {props['totalGlobalMem'] / 2**30:.1f} GiB, "
-                         f"compute capability {props['major']}.{props['minor']}")
+            lines.append(
+                f"GPU {i}: {name}, {props['totalGlobalMem'] / 2**30:.1f} GiB, "
+                f"compute capability {props['major']}.{props['minor']}"
+            )
         return lines
     except Exception as e:  # CuPy installed, but no driver or no device
         return [f"CUDA: not usable ({type(e).__name__}: {e})"]
@@ -44,8 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     del args
-    print(f"xbn {__version__} on Python {platform.python_version()} ({platform.machine()}, "
-          f"{os.cpu_count()} CPUs)")
+    print(
+        f"xbn {__version__} on Python {platform.python_version()} ({platform.machine()}, "
+        f"{os.cpu_count()} CPUs)"
+    )
     for dist in _DISTRIBUTIONS:
         v = _version(dist)
         if v is not None:

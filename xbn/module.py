@@ -78,6 +78,24 @@ class IncompatibleKeys(NamedTuple):
 _REGISTRIES = ("_parameters", "_buffers", "_modules")
 
 
+def _counter_value(value: Any, key: str) -> int:
+    """A counter's new value: a 0-d integer in [0, 2**63 - 1], to round-trip through torch's int64."""
+    if _arrays.is_int(value):
+        n = int(value)  # a Python int may exceed every NumPy integer dtype
+    else:
+        host = _arrays.to_host(value, key)
+        if host.shape != () or host.dtype.kind not in "iu":
+            raise ValueError(
+                f"{key} must be a 0-d integer array or int, got shape {host.shape} and dtype {host.dtype}"
+            )
+        n = int(host)
+    if n < 0:
+        raise ValueError(f"{key} must be >= 0, got {n}")
+    if n > _arrays.INT64_MAX:
+        raise ValueError(f"{key} must be at most 2**63 - 1 (torch stores it as int64), got {n}")
+    return n
+
+
 class Module:
     """Base class of xbn's layers: registered parameters, buffers and children, in order.
 
@@ -332,7 +350,9 @@ class Module:
         return snap
 
     @staticmethod
-    def _restore(snapshot: list[tuple[Module, type, dict[str, Any], list[tuple[Parameter, Any, Any]]]]) -> None:
+    def _restore(
+        snapshot: list[tuple[Module, type, dict[str, Any], list[tuple[Parameter, Any, Any]]]],
+    ) -> None:
         for m, cls, attrs, params in snapshot:
             object.__setattr__(m, "__class__", cls)
             m.__dict__.clear()
@@ -388,24 +408,9 @@ class Module:
         integer in [0, 2**63 - 1] (it must round-trip through torch's int64).
         """
         current = self._state_value(name)
-        if isinstance(current, int) and _arrays.is_int(value):
-            host = None
-            n = int(value)  # a Python int may exceed every NumPy integer dtype
-        else:
-            host = _arrays.to_host(value, key)
         if isinstance(current, int):
-            if host is not None:
-                if host.shape != () or host.dtype.kind not in "iu":
-                    raise ValueError(
-                        f"{key} must be a 0-d integer array or int, got shape {host.shape} and dtype {host.dtype}"
-                    )
-                n = int(host)
-            if n < 0:
-                raise ValueError(f"{key} must be >= 0, got {n}")
-            if n > _arrays.INT64_MAX:
-                raise ValueError(f"{key} must be at most 2**63 - 1 (torch stores it as int64), got {n}")
-            return n
-        assert host is not None
+            return _counter_value(value, key)
+        host = _arrays.to_host(value, key)
         if host.dtype.kind != "f":
             raise TypeError(f"{key} must have a real floating dtype, got {host.dtype}")
         shape = tuple(current.shape)

@@ -31,10 +31,9 @@ Examples
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import array_api_compat
@@ -42,6 +41,7 @@ import numpy as np
 
 from . import _arrays
 from ._conv import Conv2d, Flatten, GlobalAvgPool2d
+from .backends import Backend
 from .module import Module, Parameter
 
 Array = Any
@@ -92,6 +92,8 @@ class Linear(Module):
     >>> dx.shape, lin.weight.grad.shape
     ((5, 3), (2, 3))
     """
+
+    _backend: Backend  # always set: a Linear owns arrays
 
     def __init__(
         self,
@@ -229,13 +231,19 @@ class Identity(Module):
         return dy
 
 
-@functools.cache
-def _accepts_training(cls: type) -> bool:
+_TAKES_TRAINING: dict[type, bool] = {}
+
+
+def _accepts_training(cls: type[Module]) -> bool:
     """Whether ``cls.forward`` takes ``training=`` (BatchNorm does; a user's module may not)."""
-    try:
-        return "training" in inspect.signature(cls.forward).parameters
-    except (TypeError, ValueError):
-        return False
+    takes = _TAKES_TRAINING.get(cls)
+    if takes is None:
+        try:
+            takes = "training" in inspect.signature(cls.forward).parameters
+        except (TypeError, ValueError):
+            takes = False
+        _TAKES_TRAINING[cls] = takes
+    return takes
 
 
 class Sequential(Module):
@@ -304,7 +312,7 @@ class Sequential(Module):
         return dy
 
 
-def softmax_cross_entropy(logits: Array, labels: Array | Iterable[int], /) -> tuple[Array, Array]:
+def softmax_cross_entropy(logits: Array, labels: Array, /) -> tuple[Array, Array]:
     """Mean cross-entropy of softmax(logits) against integer class labels, and its gradient.
 
     Parameters

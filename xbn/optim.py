@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from . import _arrays
 from .backends import resolve
@@ -45,8 +46,12 @@ class SGD:
         for p in self.params:
             if not isinstance(p, Parameter):
                 raise TypeError(f"params must be xbn.Parameter objects, got {type(p).__name__}")
-        for name, value in (("lr", lr), ("momentum", momentum), ("dampening", dampening),
-                            ("weight_decay", weight_decay)):
+        for name, value in (
+            ("lr", lr),
+            ("momentum", momentum),
+            ("dampening", dampening),
+            ("weight_decay", weight_decay),
+        ):
             if not isinstance(value, numbers.Real) or isinstance(value, bool):
                 raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
             if value < 0:
