@@ -1,7 +1,11 @@
 """CPU benchmark: xbn's NumPy backend against PyTorch's CPU batch norm and a naive NumPy one.
 
-For each shape and thread count, three implementations run interleaved (A B C A B C ...), so
-that the load of a shared machine falls on all of them alike; medians and ratios are reported:
+For each shape and thread count, each implementation is timed in fresh processes of its own,
+one per round, the processes alternating (A B C A B C ..., the order rotated each round) so
+that the load of a shared machine falls on all of them alike; medians and ratios are reported.
+One process for all of them would not do: once numba's thread pool has run, torch's kernels in
+the same process run 5-10x slower. Every process times its implementation warm (calls back to
+back) and cold (a cache-flushing copy before every timed call); both are kept:
 
 * ``xbn``: ``xbn.BatchNorm(..., backend="numpy")`` forward then ``backward`` (the fast paths of
   :mod:`xbn.kernels.numpy`, their pool sized to the thread count);
@@ -15,8 +19,8 @@ that the load of a shared machine falls on all of them alike; medians and ratios
   what runs where numba is not installed.
 
 The floor is the byte count over a measured copy bandwidth (``np.copyto`` of a 256 MiB array,
-read + write bytes, split over the threads, run inside the same interleaved loop so that it
-sees the same machine load): training forward 3S, backward 5S, eval forward 2S, S = bytes of x. Writes ``cpu.md``, ``cpu.json`` and ``cpu.png`` under ``--out``.
+read + write bytes, split over the threads: the cold timings' flushing copies, made in the same
+processes, so that it sees the same machine load): training forward 3S, backward 5S, eval forward 2S, S = bytes of x. Writes ``cpu.md``, ``cpu.json`` and ``cpu.png`` under ``--out``.
 
 Run: ``xbn bench --cpu`` or ``python benchmarks/cpu.py`` (options: ``--help``).
 """
@@ -43,6 +47,14 @@ from . import REFERENCE_SHAPES
 EPS = 1e-5
 MOMENTUM = 0.1
 COPY_BYTES = 256 << 20
+#: The default set: the reference shapes, a wide C (64, 200000) whose per-channel state is a
+#: few MB, and a tall (N, 16) with many rows of few channels. The last two stay out of
+#: REFERENCE_SHAPES, which the GPU launch tests also walk.
+SHAPES: list[tuple[tuple[int, ...], int, str]] = [
+    *REFERENCE_SHAPES,
+    ((64, 200000), 1, "NC wide"),
+    ((1048576, 16), 1, "NC tall"),
+]
 
 
 def _parse_shape(text: str) -> tuple[tuple[int, ...], int, str]:
@@ -164,9 +176,18 @@ def _on_passes(fn: Callable[[], Any]) -> Callable[[], Any]:
     return run
 
 
-def _make_cases(shape: tuple[int, ...], axis: int, with_torch: bool, with_passes: bool = False) -> dict[str, dict[str, Callable[[], Any]]]:
-    """For each implementation: callables 'fwd', 'bwd' (after its own fwd) and 'eval'."""
+def _make_cases(
+    shape: tuple[int, ...], axis: int, with_torch: bool, with_passes: bool = False, only: frozenset[str] | None = None
+) -> dict[str, dict[str, Callable[[], Any]]]:
+    """For each implementation: callables 'fwd', 'bwd' (after its own fwd) and 'eval'.
+
+    ``only``: the names to build ('xbn', 'xbn_passes', 'naive', 'torch' with 'torch_autograd');
+    a worker process builds its one implementation and nothing that could disturb it.
+    """
     import xbn
+
+    def want(name: str) -> bool:
+        return only is None or name in only
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape, dtype=np.float32)
@@ -174,13 +195,14 @@ def _make_cases(shape: tuple[int, ...], axis: int, with_torch: bool, with_passes
     c = shape[axis]
     cases: dict[str, dict[str, Callable[[], Any]]] = {}
 
-    bn = xbn.BatchNorm(c, axis=axis, backend="numpy")
-    cases["xbn"] = {
-        "fwd": lambda: bn.forward(x, training=True),
-        "bwd": lambda: bn.backward(dy),
-        "eval": lambda: bn.forward(x, training=False),
-    }
-    if with_passes:
+    if want("xbn"):
+        bn = xbn.BatchNorm(c, axis=axis, backend="numpy")
+        cases["xbn"] = {
+            "fwd": lambda: bn.forward(x, training=True),
+            "bwd": lambda: bn.backward(dy),
+            "eval": lambda: bn.forward(x, training=False),
+        }
+    if with_passes and want("xbn_passes"):
         bnp = xbn.BatchNorm(c, axis=axis, backend="numpy")
         cases["xbn_passes"] = {
             "fwd": _on_passes(lambda: bnp.forward(x, training=True)),
@@ -188,10 +210,11 @@ def _make_cases(shape: tuple[int, ...], axis: int, with_torch: bool, with_passes
             "eval": _on_passes(lambda: bnp.forward(x, training=False)),
         }
 
-    naive = Naive(c, axis, len(shape))
-    cases["naive"] = {"fwd": lambda: naive.forward(x), "bwd": lambda: naive.backward(dy), "eval": lambda: naive.eval(x)}
+    if want("naive"):
+        naive = Naive(c, axis, len(shape))
+        cases["naive"] = {"fwd": lambda: naive.forward(x), "bwd": lambda: naive.backward(dy), "eval": lambda: naive.eval(x)}
 
-    if with_torch:
+    if with_torch and want("torch"):
         import torch
 
         tx, tdy = torch.from_numpy(x), torch.from_numpy(dy)
@@ -285,7 +308,8 @@ def _blas_limit(threads: int) -> Any:
 
 
 def measure(
-    cases: dict[str, dict[str, Callable[[], Any]]], repeats: int, copy: Copy, cold: bool = True, warmup: int = 2
+    cases: dict[str, dict[str, Callable[[], Any]]], repeats: int, copy: Copy, cold: bool = True, warmup: int = 2,
+    flush_every: int = 20,
 ) -> dict[str, dict[str, list[float]]]:
     """Interleaved timings in seconds: per implementation, 'fwd', 'bwd', 'train' (= fwd + bwd
     of one step) and 'eval'; and the copy's bandwidth. Each repeat runs every implementation
@@ -295,7 +319,7 @@ def measure(
     implementation meets x and dy in DRAM; otherwise the second in line would find them in the
     L3 cache, warmed by the first, since all of them read the same buffers. Not ``cold``: the
     copy runs every 20th repeat only, and the data stays in cache, as a small input does between
-    the layers of a network.
+    the layers of a network. ``flush_every=0``: never (every sample warm).
     """
     names = list(cases)
     out: dict[str, dict[str, list[float]]] = {n: {"fwd": [], "bwd": [], "train": [], "eval": []} for n in names}
@@ -303,7 +327,7 @@ def measure(
     clock = time.perf_counter
 
     def flush(r: int, first: bool) -> None:
-        if cold or (first and r % 20 == 0):
+        if cold or (flush_every and first and r % flush_every == 0):
             t0 = clock()
             copy()
             out["copy"]["bandwidth"].append(copy.bytes / (clock() - t0))
@@ -343,6 +367,78 @@ def _set_threads(threads: int, with_torch: bool) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+# -- one process per implementation ---------------------------------------------------------
+# numba's thread pool, once it has run, slows torch's kernels in the same process 5-10x (and
+# its OpenMP layer resets torch's thread count), and two libraries' pools on 2 cores compete
+# for them even when idle-spinning: timing both in one process flatters whichever runs second
+# less. Each implementation is therefore timed in a fresh process of its own, the processes
+# alternating A B C A B C ... so that a change in machine load falls on all of them alike.
+
+#: worker process: which implementations it times together (torch's two routes share one)
+_GROUPS = {"xbn": ("xbn",), "xbn_passes": ("xbn_passes",), "torch": ("torch", "torch_autograd"), "naive": ("naive",)}
+
+
+def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time one implementation (group) on one shape and thread count, warm and cold, in this
+    process; returns the samples (seconds) and the copy bandwidths seen (bytes/s)."""
+    impl, threads = spec["impl"], spec["threads"]
+    shape, axis = tuple(spec["shape"]), spec["axis"]
+    with_torch = impl == "torch"
+    if impl in ("xbn", "xbn_passes"):
+        from xbn.kernels import numpy as kn
+
+        # the passes are what a plain install runs: the whole process on that engine
+        kn.set_engine("numpy" if impl == "xbn_passes" else spec["engine"])
+    _set_threads(threads, with_torch)
+    copy = Copy(threads, spec["copy_bytes"])
+    out: dict[str, Any] = {"load_before": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    with _blas_limit(threads):
+        cases = _make_cases(shape, axis, with_torch, with_passes=impl == "xbn_passes", only=frozenset(_GROUPS[impl]))
+        for mode in ("warm", "cold"):
+            raw = measure(cases, spec["repeats"], copy, cold=mode == "cold", warmup=spec["warmup"] if mode == "warm" else 1,
+                          flush_every=0)
+            out.setdefault("bandwidth", []).extend(raw.pop("copy")["bandwidth"])
+            out[mode] = raw
+    copy.close()
+    out["load_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if impl in ("xbn", "xbn_passes"):
+        from xbn.kernels import numpy as kn
+
+        out["engine"] = kn.get_engine()
+        if out["engine"] == "numba":
+            import numba
+
+            try:
+                out["threading_layer"] = numba.threading_layer()
+            except ValueError:  # no parallel loop ran: one thread takes the serial builds
+                out["threading_layer"] = "none (serial builds only)"
+    return out
+
+
+def _worker_main() -> None:
+    spec = json.loads(sys.argv[1])
+    print(json.dumps(_worker(spec)))
+
+
+def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """``_worker(spec)`` in a fresh Python process; its last line of output is the result."""
+    import subprocess
+
+    import xbn
+
+    env = dict(os.environ)
+    # the child imports this xbn, wherever the parent found it
+    root = str(Path(xbn.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["XBN_NUM_THREADS"] = str(spec["threads"])
+    code = "from xbn.bench.cpu import _worker_main; _worker_main()"
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise RuntimeError(f"benchmark worker {spec['impl']} {spec['shape']} threads={spec['threads']} failed "
+                           f"(exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # -- machine ------------------------------------------------------------------------------
@@ -424,14 +520,34 @@ def write_markdown(path: Path, results: list[dict[str, Any]], meta: dict[str, An
            "are timed alongside as 'xbn NumPy passes'" if meta["engine"] == "numba"
            else "cache-blocked NumPy passes; numba not installed or not in use")
         + "). "
-        f"float32; median of {meta['repeats']} interleaved repeats (xbn, torch, naive in turn), "
-        "times in ms. torch = aten native_batch_norm + native_batch_norm_backward (same work as the "
-        "layer, no autograd); floor = bytes / copy bandwidth (median of copies interleaved with that "
-        "row's timings, same thread count; train 8S, eval 2S). The copy flushes the caches: inputs "
-        "of 4 MiB and more are timed cold, a copy before every timed call of every implementation "
-        "(they all read the same x and dy, so the second in line would otherwise find them in L3); "
-        "smaller ones, which a real network hands from layer to layer in cache, are timed warm "
-        "(a copy every 20th round).",
+        f"float32; median of {meta['repeats']}, times in ms. Each implementation runs in "
+        "a fresh process of its own, one per round, the processes alternating (xbn, torch, naive, ... "
+        "in turn, the order rotated each round): numba's thread pool slows torch in a process where it "
+        "has run, so one shared process would not time either fairly. torch = aten native_batch_norm + "
+        "native_batch_norm_backward (same work as the layer, no autograd); floor = bytes / copy "
+        "bandwidth (median of the copies made in that row's processes, same thread count; train 8S, "
+        "eval 2S). Every process times its implementation warm (calls back to back, x and dy left in "
+        "cache by the previous call) and cold (a copy that flushes the caches before every timed call). "
+        "The tables below the first are cold for inputs of 4 MiB and more and warm for smaller ones, "
+        "which a real network hands from layer to layer in cache; the first table has both.",
+        "",
+        "## Training step, warm and cold",
+        "",
+        "| shape | layout | threads | load (1 min) | xbn/torch warm | xbn/torch cold | xbn/floor cold | torch/floor cold |"
+        + (" passes/torch warm | passes/torch cold | passes/floor cold |" if passes else ""),
+        "|---|---|---:|---|---:|---:|---:|---:|" + ("---:|---:|---:|" if passes else ""),
+    ]
+    for r in results:
+        w, c, fl = r["median_warm_s"], r["median_cold_s"], r["floor_s"]["train"]
+        tw, tc = w.get("torch", {}).get("train"), c.get("torch", {}).get("train")
+        ld = r.get("loadavg_1min")
+        lines.append(
+            f"| {r['shape_name']} | {r['layout']} | {r['threads']} | {f'{ld[0]:.2f}-{ld[1]:.2f}' if ld else '—'} | "
+            f"{_ratio(w['xbn']['train'], tw)} | {_ratio(c['xbn']['train'], tc)} | {_ratio(c['xbn']['train'], fl)} | {_ratio(tc, fl)} |"
+            + (f" {_ratio(w['xbn_passes']['train'], tw)} | {_ratio(c['xbn_passes']['train'], tc)} | "
+               f"{_ratio(c['xbn_passes']['train'], fl)} |" if passes else "")
+        )
+    lines += [
         "",
         "## Training step (forward + backward)",
         "",
@@ -524,6 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shapes like 32x64x56x56 (channel axis 1) or 32x56x56x64:-1 (default: the reference set)")
     p.add_argument("--repeats", type=_positive_int, default=None,
                    help="timed repeats per case, at least 1 (default 15; inputs under 4 MiB at least 200)")
+    p.add_argument("--rounds", type=_positive_int, default=None,
+                   help="fresh processes per implementation, alternated, the repeats split among them (default 3; --quick 1)")
     p.add_argument("--out", default="benchmarks/results", help="output folder (default: benchmarks/results)")
     p.add_argument("--quick", action="store_true",
                    help="3 repeats and a 64 MiB copy: a smoke run (not with --repeats)")
@@ -546,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--threads {t}: more than 8 per logical CPU ({most} here)")
     if args.quick and args.repeats is not None:
         parser.error("--quick runs 3 repeats; give --quick or --repeats, not both")
-    shapes = args.shapes or REFERENCE_SHAPES
+    shapes = args.shapes or SHAPES
     with_torch = not args.no_torch
     if with_torch:
         try:
@@ -566,10 +684,6 @@ def main(argv: list[str] | None = None) -> int:
         if memory and need > memory:
             parser.error(f"--shapes {_shape_name(shape, axis)}: needs about {need / 2**30:.1f} GiB, "
                          f"more than this machine's {memory / 2**30:.1f} GiB")
-    # numba's default OpenMP layer shares libgomp with torch and disturbs it (torch's OpenMP
-    # thread count reset, its 2-thread small-shape step 100x slower); this process launches
-    # numba loops from one thread only, which the plain work queue layer supports
-    os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
     from xbn.kernels import numpy as kn
 
     try:
@@ -591,59 +705,76 @@ def main(argv: list[str] | None = None) -> int:
     print(f"xbn NumPy fast paths on the {engine} engine", flush=True)
     copy_bytes = (64 << 20) if args.quick else COPY_BYTES
 
+    rounds = args.rounds or (1 if args.quick else 3)
+    impls = ["xbn"] + (["xbn_passes"] if engine == "numba" else []) + (["torch"] if with_torch else []) + ["naive"]
     bandwidth: dict[int, list[float]] = {}
     results: list[dict[str, Any]] = []
+    layers: set[str] = set()
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     for threads in args.threads:
-        _set_threads(threads, with_torch)
-        copy = Copy(threads, copy_bytes)
-        with _blas_limit(threads):
-            for shape, axis, layout in shapes:
-                nbytes = math.prod(shape) * 4
-                small = nbytes < (4 << 20)
-                repeats = 3 if args.quick else (args.repeats or 15)
-                if small and not args.quick:
-                    repeats = max(repeats, 200)  # sub-millisecond steps need many samples
-                cases = _make_cases(shape, axis, with_torch, with_passes=engine == "numba")
-                # a small input lives in cache between the layers of a real network: timed warm
-                raw = measure(cases, repeats, copy, cold=not small)
-                del cases
-                bw_samples = raw.pop("copy")["bandwidth"]
-                bandwidth.setdefault(threads, []).extend(bw_samples)
-                med = {n: {k: (statistics.median(v) if v else None) for k, v in d.items()} for n, d in raw.items()}
-                bwt = statistics.median(bw_samples)
-                floor = {"fwd": 3 * nbytes / bwt, "bwd": 5 * nbytes / bwt, "train": 8 * nbytes / bwt, "eval": 2 * nbytes / bwt}
-                r = {
-                    "shape": list(shape), "axis": axis, "layout": layout, "shape_name": _shape_name(shape, axis),
-                    "threads": threads, "bytes": nbytes, "repeats": repeats, "copy_bandwidth_Bps": bwt,
-                    "median_s": med, "floor_s": floor, "times_s": raw,
-                }
-                results.append(r)
-                t = med.get("torch", {}).get("train")
-                print(
-                    f"{r['shape_name']:>20} threads={threads}  train: xbn {_ms(med['xbn']['train'])} ms, "
-                    f"torch {_ms(t)} ms, naive {_ms(med['naive']['train'])} ms, xbn/torch {_ratio(med['xbn']['train'], t)}, "
-                    f"xbn/floor {_ratio(med['xbn']['train'], floor['train'])}; eval xbn/torch "
-                    f"{_ratio(med['xbn']['eval'], med.get('torch', {}).get('eval'))}",
-                    flush=True,
-                )
-
-        copy.close()
+        for shape, axis, layout in shapes:
+            nbytes = math.prod(shape) * 4
+            small = nbytes < (4 << 20)
+            repeats = 3 if args.quick else (args.repeats or 15)
+            if small and not args.quick:
+                repeats = max(repeats, 200)  # sub-millisecond steps need many samples
+            per_round = -(-repeats // rounds)
+            raw: dict[str, dict[str, dict[str, list[float]]]] = {}
+            bw_samples: list[float] = []
+            loads: list[float] = []
+            for rnd in range(rounds):
+                # rotated each round, so that no implementation always follows the same one
+                order = impls[rnd % len(impls):] + impls[: rnd % len(impls)]
+                for impl in order:
+                    res = _run_worker({"impl": impl, "shape": list(shape), "axis": axis, "threads": threads,
+                                       "repeats": per_round, "warmup": 2, "copy_bytes": copy_bytes, "engine": args.engine})
+                    bw_samples += res["bandwidth"]
+                    loads += [ld[0] for ld in (res["load_before"], res["load_after"]) if ld]
+                    if res.get("threading_layer"):
+                        layers.add(res["threading_layer"])
+                    for mode in ("warm", "cold"):
+                        for name, d in res[mode].items():
+                            for k, v in d.items():
+                                raw.setdefault(name, {}).setdefault(mode, {}).setdefault(k, []).extend(v)
+            bandwidth.setdefault(threads, []).extend(bw_samples)
+            med = {mode: {n: {k: (statistics.median(v[mode][k]) if v[mode][k] else None) for k in v[mode]} for n, v in raw.items()}
+                   for mode in ("warm", "cold")}
+            bwt = statistics.median(bw_samples)
+            floor = {"fwd": 3 * nbytes / bwt, "bwd": 5 * nbytes / bwt, "train": 8 * nbytes / bwt, "eval": 2 * nbytes / bwt}
+            r = {
+                "shape": list(shape), "axis": axis, "layout": layout, "shape_name": _shape_name(shape, axis),
+                "threads": threads, "bytes": nbytes, "repeats": per_round * rounds, "rounds": rounds,
+                "copy_bandwidth_Bps": bwt,
+                # a small input lives in cache between the layers of a network: judged warm
+                "primary": "warm" if small else "cold",
+                "median_s": med["warm" if small else "cold"], "median_warm_s": med["warm"], "median_cold_s": med["cold"],
+                "floor_s": floor, "loadavg_1min": [min(loads), max(loads)] if loads else None, "times_s": raw,
+            }
+            results.append(r)
+            m = r["median_s"]
+            t = m.get("torch", {}).get("train")
+            print(
+                f"{r['shape_name']:>20} threads={threads} ({r['primary']})  train: xbn {_ms(m['xbn']['train'])} ms, "
+                f"torch {_ms(t)} ms, naive {_ms(m['naive']['train'])} ms, xbn/torch {_ratio(m['xbn']['train'], t)}, "
+                f"xbn/floor {_ratio(m['xbn']['train'], floor['train'])}; warm xbn/torch "
+                f"{_ratio(med['warm']['xbn']['train'], med['warm'].get('torch', {}).get('train'))}; eval xbn/torch "
+                f"{_ratio(m['xbn']['eval'], m.get('torch', {}).get('eval'))}"
+                + (f"; passes/torch {_ratio(m['xbn_passes']['train'], t)}" if "xbn_passes" in m else ""),
+                flush=True,
+            )
 
     command = "xbn bench --cpu -- " + " ".join(argv if argv is not None else sys.argv[1:])
     default_repeats = "3" if args.quick else f"{args.repeats or 15} (at least 200 for inputs under 4 MiB)"
+    default_repeats += f" repeats in {rounds} round{'s' if rounds > 1 else ''} of fresh processes"
     if engine == "numba":
         import numba
 
-        try:
-            layer = numba.threading_layer()
-        except ValueError:  # no parallel loop ran: one thread takes the serial builds
-            layer = "none (serial builds only)"
-        machine_numba = {"numba": numba.__version__, "threading_layer": layer}
+        machine_numba = {"numba": numba.__version__,
+                         "threading_layer": ", ".join(sorted(layers)) or "none (serial builds only)"}
     else:
         machine_numba = {}
     meta = {"machine": {**machine_info(), **machine_numba}, "bandwidth": {t: statistics.median(v) for t, v in bandwidth.items()},
-            "engine": engine, "repeats": default_repeats,
+            "engine": engine, "repeats": default_repeats, "rounds": rounds, "processes": "one per implementation and round",
             "loadavg_before": load_before, "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "quick": args.quick, "command": command.strip(), "copy_bytes": copy_bytes,
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
