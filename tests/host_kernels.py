@@ -171,7 +171,10 @@ def poison(shape: tuple[int, ...], name: str) -> np.ndarray:
 # -- the four ops, assembled as xbn.kernels.cupy assembles them ---------------------------------
 
 def _plan(op: str, layout: _launch.Layout, dtype: str, wide: bool,
-          sm_count: int) -> _launch.LaunchPlan:
+          sm_count: int, plan: _launch.LaunchPlan | None = None) -> _launch.LaunchPlan:
+    if plan is not None:  # a test's own launch shape, for the same kernel family
+        assert plan.kernel.startswith(f"xbn_{op}_{layout.kind}_v"), (op, plan.kernel)
+        return plan
     vec = _launch.vector_width(layout, itemsize(dtype)) if wide else 1
     return _launch.plan(op, layout, vec, sm_count=sm_count, threads_per_sm=THREADS_PER_SM)
 
@@ -195,11 +198,11 @@ def _check_workspace(plan: _launch.LaunchPlan, out: dict[str, np.ndarray]) -> No
 
 
 def batch_stats(x: np.ndarray, dtype: str, *, axis: int, wide: bool = True, seed: int = 0,
-                sm_count: int = SM_COUNT):
+                sm_count: int = SM_COUNT, plan: _launch.LaunchPlan | None = None):
     """(mean, var, plan) of ``x`` (storage array of ``dtype``) by the stats kernel."""
     layout = _launch.plan_layout(x.shape, axis, c_contiguous=True)
     key, acc = _launch.dtype_key(dtype), _launch.accumulator_dtype(dtype)
-    plan = _plan("stats", layout, dtype, wide, sm_count)
+    plan = _plan("stats", layout, dtype, wide, sm_count, plan)
     c = layout.channels
     ws = _workspace(plan, acc)
     values = {"x": x, "mean": poison((c,), acc), "var": poison((c,), acc),
@@ -210,10 +213,10 @@ def batch_stats(x: np.ndarray, dtype: str, *, axis: int, wide: bool = True, seed
 
 
 def backward_reduce(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, dtype: str, *, axis: int,
-                    wide: bool = True, seed: int = 0, sm_count: int = SM_COUNT):
+                    wide: bool = True, seed: int = 0, sm_count: int = SM_COUNT, plan=None):
     layout = _launch.plan_layout(x.shape, axis, c_contiguous=True)
     key, acc = _launch.dtype_key(dtype), _launch.accumulator_dtype(dtype)
-    plan = _plan("backward_reduce", layout, dtype, wide, sm_count)
+    plan = _plan("backward_reduce", layout, dtype, wide, sm_count, plan)
     c = layout.channels
     values = {"dy": dy, "x": x, "mean": np.asarray(mean, dtype=acc),
               "sum_dy": poison((c,), acc), "sum_dy_xmu": poison((c,), acc), **_workspace(plan, acc)}
@@ -223,10 +226,10 @@ def backward_reduce(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, dtype: str,
 
 
 def scale_shift(x: np.ndarray, scale: np.ndarray, shift: np.ndarray | None, dtype: str, *,
-                axis: int, wide: bool = True, seed: int = 0, sm_count: int = SM_COUNT):
+                axis: int, wide: bool = True, seed: int = 0, sm_count: int = SM_COUNT, plan=None):
     layout = _launch.plan_layout(x.shape, axis, c_contiguous=True)
     key, acc = _launch.dtype_key(dtype), _launch.accumulator_dtype(dtype)
-    plan = _plan("scale_shift", layout, dtype, wide, sm_count)
+    plan = _plan("scale_shift", layout, dtype, wide, sm_count, plan)
     scale = np.asarray(scale, dtype=acc)
     values = {"x": x, "scale": scale,
               "shift": np.asarray(shift, dtype=acc) if shift is not None else scale.copy(),
@@ -236,10 +239,10 @@ def scale_shift(x: np.ndarray, scale: np.ndarray, shift: np.ndarray | None, dtyp
 
 
 def backward_apply(dy: np.ndarray, x: np.ndarray, mean, k_dy, k_xmu, k_const, dtype: str, *,
-                   axis: int, wide: bool = True, seed: int = 0, sm_count: int = SM_COUNT):
+                   axis: int, wide: bool = True, seed: int = 0, sm_count: int = SM_COUNT, plan=None):
     layout = _launch.plan_layout(x.shape, axis, c_contiguous=True)
     key, acc = _launch.dtype_key(dtype), _launch.accumulator_dtype(dtype)
-    plan = _plan("backward_apply", layout, dtype, wide, sm_count)
+    plan = _plan("backward_apply", layout, dtype, wide, sm_count, plan)
     values = {"dy": dy, "x": x, "mean": np.asarray(mean, dtype=acc),
               "k_dy": np.asarray(k_dy, dtype=acc), "k_xmu": np.asarray(k_xmu, dtype=acc),
               "k_const": np.asarray(k_const, dtype=acc), "dx": poison(x.shape, dtype)}
@@ -256,14 +259,14 @@ def _param(v: np.ndarray | None, dt: str, placeholder: np.ndarray) -> np.ndarray
 def stats_fused(x: np.ndarray, weight, bias, running_mean, running_var, dtype: str, *,
                 axis: int, eps: float = 1e-5, momentum: float = 0.1,
                 param_dtype: str = "float32", wide: bool = True, seed: int = 0,
-                sm_count: int = SM_COUNT):
+                sm_count: int = SM_COUNT, plan: _launch.LaunchPlan | None = None):
     """The fused statistics kernel (xbn_stats_fused_*) as the CuPy wrapper launches it:
     returns ({mean, inv, scale, shift, new_running_mean, new_running_var}, plan); the running
     outputs are None without running statistics. Absent vectors get placeholders that the
     kernel must leave alone (checked)."""
     layout = _launch.plan_layout(x.shape, axis, c_contiguous=True)
     key, acc = _launch.dtype_key(dtype), _launch.accumulator_dtype(dtype)
-    plan = _plan("stats_fused", layout, dtype, wide, sm_count)
+    plan = _plan("stats_fused", layout, dtype, wide, sm_count, plan)
     c = layout.channels
     running = running_mean is not None and running_var is not None
     sentinel = np.full(c, -123.0, dtype=param_dtype)  # stands in for every absent vector
@@ -306,12 +309,12 @@ def stats_fused(x: np.ndarray, weight, bias, running_mean, running_var, dtype: s
 
 def backward_reduce_fused(dy: np.ndarray, x: np.ndarray, mean, inv, weight, dtype: str, *,
                           axis: int, param_dtype: str = "float32", wide: bool = True,
-                          seed: int = 0, sm_count: int = SM_COUNT):
+                          seed: int = 0, sm_count: int = SM_COUNT, plan: _launch.LaunchPlan | None = None):
     """The fused backward reduction (xbn_backward_reduce_fused_*): returns
     ({dgamma, dbeta, k_dy, k_xmu, k_const}, plan)."""
     layout = _launch.plan_layout(x.shape, axis, c_contiguous=True)
     key, acc = _launch.dtype_key(dtype), _launch.accumulator_dtype(dtype)
-    plan = _plan("backward_reduce_fused", layout, dtype, wide, sm_count)
+    plan = _plan("backward_reduce_fused", layout, dtype, wide, sm_count, plan)
     c = layout.channels
     flags = ((_launch.FLAG_HAS_WEIGHT if weight is not None else 0)
              | (_launch.FLAG_PARAMS_F64 if param_dtype == "float64" else 0))
@@ -323,3 +326,28 @@ def backward_reduce_fused(dy: np.ndarray, x: np.ndarray, mean, inv, weight, dtyp
     out = run_kernel(key, plan, "backward_reduce_fused", values, seed=seed)
     _check_workspace(plan, out)
     return {n: out[n] for n in names}, plan
+
+
+def inference(x: np.ndarray, weight, bias, running_mean, running_var, dtype: str, *, axis: int,
+              eps: float = 1e-5, param_dtype: str = "float32", wide: bool = True, seed: int = 0,
+              sm_count: int = SM_COUNT, plan: _launch.LaunchPlan | None = None):
+    """The eval-mode forward kernel (xbn_inference_*): returns (y, plan). Absent weight or bias
+    get a placeholder the kernel must leave alone (checked)."""
+    layout = _launch.plan_layout(x.shape, axis, c_contiguous=True)
+    key = _launch.dtype_key(dtype)
+    plan = _plan("inference", layout, dtype, wide, sm_count, plan)
+    c = layout.channels
+    sentinel = np.full(c, -123.0, dtype=param_dtype)
+    flags = ((_launch.FLAG_HAS_WEIGHT if weight is not None else 0)
+             | (_launch.FLAG_HAS_BIAS if bias is not None else 0)
+             | (_launch.FLAG_PARAMS_F64 if param_dtype == "float64" else 0))
+    values = {"x": x, "weight": _param(weight, param_dtype, sentinel.copy()),
+              "bias": _param(bias, param_dtype, sentinel.copy()),
+              "running_mean": np.asarray(running_mean, dtype=param_dtype),
+              "running_var": np.asarray(running_var, dtype=param_dtype),
+              "y": poison(x.shape, dtype), "eps": float(eps), "flags": flags}
+    out = run_kernel(key, plan, "inference", values, seed=seed)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        if not np.array_equal(out[name], values[name]):
+            raise HostRunError(f"{plan.kernel}: wrote into its input {name}")
+    return out["y"], plan

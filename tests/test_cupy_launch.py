@@ -144,8 +144,11 @@ def test_plan_invariants(op, itemsize, sm_count):
             if layout.kind == "ncl":
                 n, c, sv, chunk = p.args
                 assert (n, c) == (layout.outer, layout.channels) and sv * vec == layout.inner
-                assert by == 1 and bx % 32 == 0 and _is_pow2(bx)     # whole warps (shuffles)
-                assert gx == c
+                assert bx % 32 == 0 and _is_pow2(bx) and _is_pow2(by)  # whole warps (shuffles)
+                assert gx * by >= c and (gx - 1) * by < c            # no block without channels
+                if by > 1:  # channels packed only where one needs no more than a group per thread
+                    assert gy == 1 and bx * L.UNROLL >= n * sv
+                    assert gx >= min(sm_count, c)
                 extent = n * sv
             else:
                 rows, cvs, chunk = p.args
@@ -159,8 +162,9 @@ def test_plan_invariants(op, itemsize, sm_count):
                 assert p.workspace == layout.channels * gy and p.counters == gx
                 wave = sm_count * max(1, min(L.BLOCKS_PER_SM, 1024 // (bx * by)))
                 assert gx * gy <= wave, "a split reduction must fit in one wave"
+                assert 1 <= p.merge_per_thread <= L.UNROLL, "the last block's merge is one round"
             else:
-                assert p.workspace == 0 and p.counters == 0
+                assert p.workspace == 0 and p.counters == 0 and p.merge_per_thread == 0
 
 
 def test_plan_fills_the_gpu_for_small_c_and_splits_nothing_for_large_c():
@@ -172,10 +176,106 @@ def test_plan_fills_the_gpu_for_small_c_and_splits_nothing_for_large_c():
                      sm_count=sm, threads_per_sm=1024)
     assert large_c.parts == 1 and large_c.workspace == 0
     cl = L.plan("stats", L.Layout("nlc", 4096, 1024, 1), 4, sm_count=sm, threads_per_sm=1024)
-    assert cl.block == (32, 8, 1) and cl.grid[0] == 8 and cl.parts > 1
+    # 16 channel vectors a block, not 32: the last block's merge stays one round of loads
+    assert cl.block == (16, 16, 1) and cl.grid[0] == 16 and cl.parts > 1
     assert cl.grid[0] * cl.grid[1] <= sm * 4
     tiny = L.plan("stats", L.Layout("ncl", 2, 100000, 3), 1, sm_count=sm, threads_per_sm=1024)
-    assert tiny.block == (32, 1, 1) and tiny.parts == 1     # six values a channel: one warp
+    assert tiny.block == (32, 8, 1) and tiny.parts == 1     # six values a channel: one warp,
+    assert tiny.grid == (12500, 1, 1)                        # eight channels a block
+
+
+def _reference_configs():
+    """Every GPU reference configuration and every CPU reference shape (float32 and float16)."""
+    from xbn.bench import REFERENCE_SHAPES
+    from xbn.bench.gpu import REFERENCE
+
+    configs = [(c.shape, c.axis, c.dtype) for c in REFERENCE]
+    for shape, axis, _ in REFERENCE_SHAPES:
+        configs += [(shape, axis, "float32"), (shape, axis, "float16")]
+    return configs
+
+
+def _blocks_without_merge_bound(layout: L.Layout, vec: int, sm_count: int, tps: int) -> int:
+    """Blocks of a reduction as planned before the merge bound: the widest channels-last block,
+    as many parts as a wave or the data allow."""
+    if layout.kind == "ncl":
+        mv = layout.outer * layout.inner // vec
+        threads = min(L.MAX_THREADS, max(32, L.next_pow2(-(-mv // L.UNROLL))))
+        wave = sm_count * max(1, min(L.BLOCKS_PER_SM, tps // threads))
+        return layout.channels * max(1, min(wave // layout.channels, -(-mv // (threads * L.UNROLL))))
+    cvs = layout.channels // vec
+    tx = min(32, L.next_pow2(cvs))
+    ty = min(L.MAX_THREADS // tx, max(L.next_pow2(-(-layout.outer // L.UNROLL)), max(1, 32 // tx)))
+    gx = -(-cvs // tx)
+    wave = sm_count * max(1, min(L.BLOCKS_PER_SM, tps // (tx * ty)))
+    return gx * max(1, min(wave // gx, -(-layout.outer // (ty * L.UNROLL))))
+
+
+@pytest.mark.parametrize(("shape", "axis", "dtype"), _reference_configs(),
+                         ids=[f"{'x'.join(map(str, s))}-ax{a}-{d}" for s, a, d in _reference_configs()])
+def test_merge_of_every_reference_shape_is_one_round_of_loads(shape, axis, dtype):
+    """A split reduction's last block merges at most UNROLL partials per thread, loaded together
+    (channels-last, up to 66 one after another before), and keeps at least 90% of the blocks it
+    had: on an H100/H200 (132 SMs) and an A100 (108 SMs), at the occupancies the kernels have
+    (6 or 8 blocks of 256 threads an SM), and on a small GPU. With the vector width aligned
+    arrays get; a misaligned (scalar) channels-last view may merge in more rounds instead."""
+    layout = L.plan_layout(shape, axis, c_contiguous=True)
+    itemsize = 2 if dtype == "float16" else 4
+    for sm_count, tps in ((132, 2048), (132, 1536), (108, 2048), (108, 1536), (8, 512)):
+        for vec in _widths(layout, itemsize):
+            for op in L.REDUCTIONS:
+                p = L.plan(op, layout, vec, sm_count=sm_count, threads_per_sm=tps)
+                if vec == L.vector_width(layout, itemsize) or layout.kind == "ncl":
+                    assert p.merge_per_thread <= L.UNROLL, (p, sm_count)
+                before = _blocks_without_merge_bound(layout, vec, sm_count, tps)
+                rows = p.block[1] if layout.kind == "ncl" else 1  # channels a block holds
+                assert p.grid[0] * p.grid[1] * rows >= 0.9 * before, (p, before)
+                if layout.kind == "nlc":  # a row segment of at least a sector
+                    assert p.block[0] * vec >= min(L.MIN_ROW_ELEMENTS, layout.channels), p
+
+
+def test_merge_bound_narrows_channels_last_blocks():
+    """256x56x56x64 float32 on an H100: the channels-last reduction used one column of
+    16x16-thread blocks split 1055 ways (66 partials per merging thread); now four columns of
+    4x64 threads split 256 ways, four partials each, the same number of blocks within 3%."""
+    layout = L.plan_layout((256, 56, 56, 64), -1, c_contiguous=True)
+    p = L.plan("stats", layout, 4, sm_count=132, threads_per_sm=2048)
+    assert (p.block, p.grid, p.merge_per_thread) == ((4, 64, 1), (4, 256, 1), 4)
+    tall = L.plan("backward_reduce", L.plan_layout((65536, 1024), 1, c_contiguous=True), 4,
+                  sm_count=132, threads_per_sm=2048)
+    assert tall.merge_per_thread <= 2 and tall.grid[0] * tall.grid[1] >= 1024
+    # elementwise passes keep the widest blocks: they merge nothing
+    ew = L.plan("scale_shift", layout, 4, sm_count=132, threads_per_sm=2048)
+    assert ew.block == (16, 16, 1)
+
+
+def test_unsplit_plans_for_graph_capture():
+    layout = L.plan_layout((2, 3, 224, 224), 1, c_contiguous=True)
+    split = L.plan("stats_fused", layout, 4, sm_count=132)
+    whole = L.plan("stats_fused", layout, 4, sm_count=132, split=False)
+    assert split.parts > 1 and split.workspace and split.counters
+    assert (whole.parts, whole.workspace, whole.counters, whole.grid) == (1, 0, 0, (3, 1, 1))
+    assert whole.args[3] == 2 * 224 * 224 // 4                       # the whole channel
+    nlc = L.plan("backward_reduce", L.plan_layout((4096, 8), 1, c_contiguous=True), 4,
+                 sm_count=132, split=False)
+    assert (nlc.parts, nlc.workspace, nlc.counters) == (1, 0, 0)
+    # elementwise plans do not change
+    assert L.plan("scale_shift", layout, 4, sm_count=132, split=False) == \
+        L.plan("scale_shift", layout, 4, sm_count=132)
+
+
+@pytest.mark.parametrize(("shape", "rows"), [
+    ((8, 2048, 7, 7), 2),       # 392 values a channel: 128 threads each, two channels a block
+    ((1, 2048, 7, 7), 8),       # 49 values: a warp each, eight a block
+    ((8, 256, 7, 7), 1),        # two a block would leave SMs without one
+    ((128, 2048, 7, 7), 1),     # a channel fills its block
+])
+def test_small_channels_share_blocks(shape, rows):
+    layout = L.plan_layout(shape, 1, c_contiguous=True)
+    for op in L.OPS:
+        p = L.plan(op, layout, 1, sm_count=132, threads_per_sm=2048)
+        assert p.block[1] == rows and p.grid[0] == -(-layout.channels // rows), (op, p)
+        assert p.block[0] * rows <= L.MAX_THREADS
 
 
 def test_plan_elementwise_caps_grid_y():
@@ -247,10 +347,13 @@ def _ncl_walk(p: L.LaunchPlan) -> np.ndarray:
     """Vector indices each thread of an ncl kernel touches, as the .cu loops compute them
     (xbn_ncl_walk: carry instead of divide). Returns the visit count of every vector."""
     n_outer, c_count, sv, chunk = p.args
-    threads = p.block[0]
+    threads, rows = p.block[0], p.block[1]
     visits = np.zeros(n_outer * c_count * sv, dtype=np.int64)
     mv = n_outer * sv
-    for c, part in itertools.product(range(p.grid[0]), range(p.grid[1])):
+    for bx, part, y in itertools.product(range(p.grid[0]), range(p.grid[1]), range(rows)):
+        c = bx * rows + y  # a channel per row of the block
+        if c >= c_count:
+            continue
         begin = part * chunk
         end = min(begin + chunk, mv)
         step_n, step_s = divmod(threads, sv)
@@ -292,7 +395,7 @@ def _nlc_walk(p: L.LaunchPlan) -> np.ndarray:
     return visits
 
 
-@pytest.mark.parametrize("op", ["stats", "scale_shift"])
+@pytest.mark.parametrize("op", ["stats", "scale_shift", "backward_reduce"])
 def test_index_walk_visits_every_element_once(op):
     rng = random.Random(0)
     shapes = [s for s in SHAPES if np.prod(s[0]) <= 20_000]

@@ -353,3 +353,247 @@ def test_fused_reductions_are_bitwise_reproducible(shape, axis):
         assert plan.parts > 1 and plan2.parts > 1, "the case must split channels over blocks"
         runs.append(b"".join(a.tobytes() for a in (*fwd.values(), *bwd.values())))
     assert runs[1] == runs[0] and runs[2] == runs[0]
+
+
+# -- the eval-mode forward in one launch --------------------------------------------------------
+
+INFERENCE_SHAPES = [((5, 3, 7), 1), ((4, 3, 64), 1), ((64, 24), 1), ((13, 5, 5, 3), -1),
+                    ((2, 9, 1, 1), 1), ((3, 40, 6), 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index", range(len(INFERENCE_SHAPES)),
+                         ids=[f"{s}-ax{a}" for s, a in INFERENCE_SHAPES])
+def test_inference_kernel_is_scale_shift_with_the_generic_coefficients(index, dtype):
+    """The inference kernel's y equals, bit for bit, the scale_shift kernel's y with the
+    coefficients of xbn.functional (eval_statistics, scale_shift_coefficients without var=)
+    computed by NumPy: its per-channel prologue rounds every operation as the array operations
+    do. With and without weight and bias; float32 parameters, and float64 ones for float64
+    input (the only mix the CuPy wrapper sends it, where the generic path's dtype is the
+    kernels'); running variances of zero (eps keeps them finite, scale is not zeroed)."""
+    shape, axis = INFERENCE_SHAPES[index]
+    c = shape[axis]
+    acc = np.dtype(L.accumulator_dtype(dtype))
+    x, xv = _data(shape, dtype, 31, loc=2.0)
+    rng = np.random.default_rng(32)
+    pdts = ["float32"] + (["float64"] if dtype == "float64" else [])
+    for pdt in pdts:
+        rm = rng.normal(size=c).astype(pdt)
+        rv = rng.uniform(0.2, 3.0, size=c).astype(pdt)
+        rv[0] = 0.0
+        for affine in ((True, True), (False, False), (True, False), (False, True)):
+            w = rng.normal(1.0, 0.5, size=c).astype(pdt) if affine[0] else None
+            b = rng.normal(size=c).astype(pdt) if affine[1] else None
+            y, plan = hk.inference(x, w, b, rm, rv, dtype, axis=axis, eps=1e-3, param_dtype=pdt,
+                                   seed=3)
+            mean, inv = F.eval_statistics(rm, rv, dtype=acc, eps=1e-3, xp=xnp)
+            assert mean.dtype == acc
+            scale, shift = F.scale_shift_coefficients(mean, inv, w, b, xp=xnp)
+            want, plain = hk.scale_shift(x, scale, shift, dtype, axis=axis)
+            assert (plan.grid, plan.block, plan.args) == (plain.grid, plain.block, plain.args)
+            _same_bits(y, want, f"y ({pdt}, affine {affine})")
+            ref = ref_eval = (xv - rm.astype(np.float64).reshape(_bshape(len(shape), axis))) \
+                / np.sqrt(rv.astype(np.float64) + 1e-3).reshape(_bshape(len(shape), axis))
+            if w is not None:
+                ref_eval = ref * w.astype(np.float64).reshape(_bshape(len(shape), axis))
+            if b is not None:
+                ref_eval = ref_eval + b.astype(np.float64).reshape(_bshape(len(shape), axis))
+            assert _rel(hk.from_storage(y, dtype), ref_eval) <= 4 * OUTPUT_TOL[dtype] + 4e-6
+
+
+# -- several channels per block (channel-major, small N*S) --------------------------------------
+
+def _one_channel_per_block(p: L.LaunchPlan) -> L.LaunchPlan:
+    c = p.args[1]
+    return L.LaunchPlan(p.kernel, (c, p.grid[1], 1), (p.block[0], 1, 1), p.args, p.parts,
+                        p.workspace, p.counters and c)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
+@pytest.mark.parametrize("shape", [(8, 21, 7, 7), (1, 13, 7, 7), (3, 9, 5)])
+def test_packed_channels_give_the_results_of_one_channel_per_block(shape, dtype):
+    """A block with a channel per row of threads (the planner packs channels that need fewer
+    than MAX_THREADS threads) computes each channel exactly as a block of its own: bitwise the
+    same results for every family, and every barrier met by the rows past the last channel."""
+    x, xv = _data(shape, dtype, 33, loc=1.5)
+    dy, _ = _data(shape, dtype, 34, loc=0.0, scale=1.0)
+    c = shape[1]
+    acc = np.dtype(L.accumulator_dtype(dtype))
+    layout = L.plan_layout(shape, 1, c_contiguous=True)
+    sm = 2  # few SMs: the planner packs as many as a block holds
+    packed = {op: L.plan(op, layout, 1, sm_count=sm, threads_per_sm=hk.THREADS_PER_SM)
+              for op in L.OPS}
+    assert all(p.block[1] > 1 and p.grid[0] * p.block[1] > c for p in packed.values()), packed
+    assert any(c % p.block[1] for p in packed.values()), "a row past the last channel"
+    w = np.linspace(0.5, 1.5, c).astype(np.float32)
+    b = np.linspace(-1.0, 1.0, c).astype(np.float32)
+    rm, rv = np.linspace(-0.5, 0.5, c).astype(np.float32), np.linspace(0.5, 2, c).astype(np.float32)
+    mu = xv.mean(axis=(0, 2) if len(shape) == 3 else (0, 2, 3)).astype(acc)
+    k = np.linspace(0.2, 0.8, c).astype(acc)
+    runs = {}
+    for name, pick in (("packed", lambda op: packed[op]),
+                       ("single", lambda op: _one_channel_per_block(packed[op]))):
+        r = []
+        r += hk.batch_stats(x, dtype, axis=1, wide=False, seed=2, plan=pick("stats"))[:2]
+        r += hk.backward_reduce(dy, x, mu, dtype, axis=1, wide=False, seed=2,
+                                plan=pick("backward_reduce"))[:2]
+        r += [hk.scale_shift(x, k, k, dtype, axis=1, wide=False, plan=pick("scale_shift"))[0]]
+        r += [hk.backward_apply(dy, x, mu, k, k, k, dtype, axis=1, wide=False,
+                                plan=pick("backward_apply"))[0]]
+        fwd, _ = hk.stats_fused(x, w, b, rm, rv, dtype, axis=1, wide=False, seed=2,
+                                plan=pick("stats_fused"))
+        r += list(fwd.values())
+        bwd, _ = hk.backward_reduce_fused(dy, x, fwd["mean"], fwd["inv"], w, dtype, axis=1,
+                                          wide=False, seed=2, plan=pick("backward_reduce_fused"))
+        r += list(bwd.values())
+        r += [hk.inference(x, w, b, rm, rv, dtype, axis=1, wide=False,
+                           plan=pick("inference"))[0]]
+        runs[name] = b"".join(np.asarray(a).tobytes() for a in r)
+    assert runs["packed"] == runs["single"]
+    mean, var, _ = hk.batch_stats(x, dtype, axis=1, wide=False, plan=packed["stats"])
+    assert _rel(var, xv.var(axis=(0, 2) if len(shape) == 3 else (0, 2, 3))) <= REDUCE_TOL[dtype]
+
+
+# -- the last block's merge ---------------------------------------------------------------------
+
+def _split_plan(op: str, layout: L.Layout, vec: int, block: tuple[int, int], parts: int):
+    """A reduction split ``parts`` ways with a block the test chooses (more partials per merging
+    thread than the planner gives: several rounds of hoisted loads)."""
+    if layout.kind == "ncl":
+        sv = layout.inner // vec
+        chunk = -(-layout.outer * sv // parts)
+        parts = -(-layout.outer * sv // chunk)
+        gx = layout.channels
+        args = (layout.outer, layout.channels, sv, chunk)
+    else:
+        cvs = layout.channels // vec
+        chunk = -(-layout.outer // parts)
+        parts = -(-layout.outer // chunk)
+        gx = -(-cvs // block[0])
+        args = (layout.outer, cvs, chunk)
+    return L.LaunchPlan(L.kernel_name(op, layout.kind, vec), (gx, parts, 1), (*block, 1), args,
+                        parts, layout.channels * parts, gx)
+
+
+@pytest.mark.parametrize(("shape", "block", "parts"), [
+    ((5000, 8), (2, 2), 37),       # channels-last: 19 partials a thread, five rounds of loads
+    ((5000, 8), (2, 4), 19),       # a round and a ragged one
+    ((3, 2, 3000), (32, 1), 157),  # channel-major: 5 partials a thread, two rounds
+])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+def test_merge_in_rounds_matches_float64_and_is_reproducible(shape, block, parts, dtype):
+    x, xv = _data(shape, dtype, 35, loc=100.0)
+    dy, dyv = _data(shape, dtype, 36, loc=0.0, scale=1.0)
+    layout = L.plan_layout(shape, 1, c_contiguous=True)
+    axes = _axes(len(shape), 1)
+    vec = L.vector_width(layout, hk.itemsize(dtype))
+    acc = np.dtype(L.accumulator_dtype(dtype))
+    mu = xv.mean(axis=axes).astype(acc)
+    runs = []
+    for seed in (0, 1, 2):
+        mean, var, p = hk.batch_stats(x, dtype, axis=1, seed=seed,
+                                      plan=_split_plan("stats", layout, vec, block, parts))
+        s1, s2, p2 = hk.backward_reduce(dy, x, mu, dtype, axis=1, seed=seed,
+                                        plan=_split_plan("backward_reduce", layout, vec, block,
+                                                         parts))
+        assert p.merge_per_thread > L.UNROLL and p2.merge_per_thread > L.UNROLL
+        runs.append(b"".join(a.tobytes() for a in (mean, var, s1, s2)))
+        assert _rel(mean, xv.mean(axis=axes)) <= REDUCE_TOL[dtype]
+        assert _rel(var, xv.var(axis=axes)) <= 1e3 * REDUCE_TOL[dtype]  # offset 100, std 2
+        assert _rel(s1, dyv.sum(axis=axes)) <= 4 * REDUCE_TOL[dtype]
+    assert runs[1] == runs[0] and runs[2] == runs[0]
+
+
+def test_counters_wrap_to_zero_by_themselves():
+    """The ticket is atomicInc(counter, parts - 1): after a launch its counters are 0 again
+    with no reset step, launch after launch on one buffer (as on one stream), and the slots
+    past the launch's own counters are never touched."""
+    x, _ = _data((600, 16), "float32", 37)
+    layout = L.plan_layout(x.shape, 1, c_contiguous=True)
+    p = L.plan("stats", layout, 4, sm_count=hk.SM_COUNT, threads_per_sm=hk.THREADS_PER_SM)
+    assert p.parts > 1 and p.counters >= 1
+    counters = np.zeros(p.counters + 5, dtype=np.uint32)
+    counters[p.counters:] = 0xDEAD
+    results = []
+    for seed in (0, 4, 9):
+        values = {"x": x, "mean": hk.poison((16,), "float32"), "var": hk.poison((16,), "float32"),
+                  "ws_a": np.full(p.workspace, np.nan, np.float32),
+                  "ws_b": np.full(p.workspace, np.nan, np.float32),
+                  "ws_n": np.full(p.workspace, -7, np.int32), "counters": counters}
+        out = hk.run_kernel("f32", p, "stats", values, seed=seed)
+        counters = out["counters"]
+        assert not counters[: p.counters].any() and (counters[p.counters:] == 0xDEAD).all()
+        results.append(out["mean"].tobytes() + out["var"].tobytes())
+    assert results[1] == results[0] and results[2] == results[0]
+    # the harness' atomicInc is CUDA's: wraps at the limit, not at 2**32
+    src = (hk.HERE / "cuda_host.h").read_text()
+    assert "old >= limit ? 0u : old + 1u" in src
+    assert "atomicInc(counter, blocks - 1u)" in _kernel_text("xbn_common.cuh")
+    assert "*counter = 0" not in _kernel_text("xbn_common.cuh")
+
+
+def _kernel_text(name: str) -> str:
+    return (hk.KERNELS / name).read_text()
+
+
+# -- the numerical promises on tall (N, C) inputs and on infinities -----------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(("shape", "axis"), [((4096, 6), 1), ((8192, 3), 1), ((3, 2, 4096), 1)])
+def test_constant_channels_on_tall_inputs_with_multi_block_merges(shape, axis, dtype):
+    """A channel constant at 12345.678 or 1e8: mean exactly that value, variance exactly 0 and
+    y exactly beta, over N >= 4096 values merged from many blocks (the plain and the fused
+    statistics, and the scale-shift pass)."""
+    x, _ = _data(shape, dtype, 38)
+    c = shape[axis]
+    moved = np.moveaxis(x, axis, 0)
+    values = np.array([12345.678, 1e8, -1e8], dtype=dtype)
+    const = np.arange(c) % 2 == 0
+    for i, ch in enumerate(np.flatnonzero(const)):
+        moved[ch] = values[i % len(values)]
+    mean, var, plan = hk.batch_stats(x, dtype, axis=axis, seed=6)
+    assert plan.parts > 1 and plan.merge_per_thread >= 1
+    want = moved[const].reshape(const.sum(), -1)[:, 0]
+    assert np.array_equal(mean[const], want) and np.all(var[const] == 0)
+    bias = np.linspace(-2.0, 3.0, c).astype(np.float32)
+    fwd, fplan = hk.stats_fused(x, np.full(c, 1.5, np.float32), bias, np.zeros(c, np.float32),
+                                np.ones(c, np.float32), dtype, axis=axis, seed=7)
+    assert fplan.parts > 1
+    assert np.array_equal(fwd["mean"][const], want) and np.all(fwd["scale"][const] == 0)
+    y, _ = hk.scale_shift(x, fwd["scale"], fwd["shift"], dtype, axis=axis)
+    y_const = np.moveaxis(y, axis, 0)[const].reshape(const.sum(), -1)
+    assert np.all(y_const == bias.astype(dtype)[const][:, None])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
+@pytest.mark.parametrize(("shape", "axis"), [((4096, 6), 1), ((3, 6, 2048), 1), ((7, 5, 3), 1)])
+def test_infinities_propagate_as_in_torch(shape, axis, dtype):
+    """A channel holding +inf (at its first value or further on) or -inf: mean +-inf, variance
+    NaN, new running mean +-inf, new running variance NaN and y NaN in that channel, as
+    PyTorch gives; the other channels untouched. (Shifting by a first value of inf, or
+    merging partial means one of which is infinite, gave NaN means.)"""
+    x, _ = _data(shape, dtype, 39)
+    c = shape[axis]
+    moved = np.moveaxis(x, axis, 0).reshape(c, -1)  # (C, M): index 0 is the channel's first
+    placements = {0: (0, np.inf), 1: (moved.shape[1] // 2, np.inf), 2: (moved.shape[1] - 1, -np.inf)}
+    for ch, (pos, v) in placements.items():
+        moved[ch, pos] = v
+    if c > 3:
+        moved[3, 1:] = np.inf  # an infinity of one sign everywhere but the first value
+    rest = np.moveaxis(x, axis, 0).shape[1:]
+    x = np.ascontiguousarray(np.moveaxis(moved.reshape(c, *rest), 0, axis))
+    xv = hk.from_storage(x, dtype)
+    finite = [ch for ch in range(c) if ch not in placements and ch != 3]
+    fwd, plan = hk.stats_fused(x, np.ones(c, np.float32), np.zeros(c, np.float32),
+                               np.zeros(c, np.float32), np.ones(c, np.float32), dtype, axis=axis,
+                               seed=8)
+    mean, var, _ = hk.batch_stats(x, dtype, axis=axis, seed=8)
+    y, _ = hk.scale_shift(x, fwd["scale"], fwd["shift"], dtype, axis=axis)
+    yv = np.moveaxis(hk.from_storage(y, dtype), axis, 0).reshape(c, -1)
+    for ch, (_, v) in list(placements.items()) + ([(3, (0, np.inf))] if c > 3 else []):
+        assert mean[ch] == v and fwd["mean"][ch] == v, (ch, mean[ch], plan)
+        assert np.isnan(var[ch]) and fwd["new_running_mean"][ch] == 0.1 * v
+        assert np.isnan(fwd["new_running_var"][ch]) and np.isnan(yv[ch]).all()
+    xf = np.moveaxis(xv, axis, 0).reshape(c, -1)[finite]
+    assert _rel(mean[finite], xf.mean(axis=1)) <= REDUCE_TOL[dtype]
+    assert np.isfinite(yv[finite]).all()

@@ -51,6 +51,11 @@ inline unsigned int __float_as_uint(float f) {
     std::memcpy(&u, &f, sizeof u);
     return u;
 }
+inline long long __double_as_longlong(double d) {
+    long long u;
+    std::memcpy(&u, &d, sizeof u);
+    return u;
+}
 
 inline float xbn_host_half_to_float(unsigned short h) {
     _Float16 f;
@@ -83,6 +88,13 @@ inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst
 inline unsigned int atomicAdd(unsigned int* p, unsigned int v) {
     const unsigned int old = *p;
     *p = old + v;
+    return old;
+}
+
+// CUDA's semantics: ((old >= limit) ? 0 : old + 1) is stored, old returned.
+inline unsigned int atomicInc(unsigned int* p, unsigned int limit) {
+    const unsigned int old = *p;
+    *p = old >= limit ? 0u : old + 1u;
     return old;
 }
 

@@ -296,6 +296,18 @@ T arg(void** p, int i) {
                                     arg<const acc_t*>(p, 4), arg<const acc_t*>(p, 5),              \
                                     arg<xbn_t*>(p, 6), XBN_NLC_INTS);                              \
      }}},                                                                                          \
+    {"xbn_inference_ncl_" #S, {6, 5, 1, XBN_THUNK {                                                \
+         xbn_inference_ncl_##S(arg<const xbn_t*>(p, 0), arg<const void*>(p, 1),                    \
+                               arg<const void*>(p, 2), arg<const void*>(p, 3),                     \
+                               arg<const void*>(p, 4), arg<xbn_t*>(p, 5), d[0], a[0], a[1], a[2],  \
+                               a[3], a[4]);                                                        \
+     }}},                                                                                          \
+    {"xbn_inference_nlc_" #S, {6, 4, 1, XBN_THUNK {                                                \
+         xbn_inference_nlc_##S(arg<const xbn_t*>(p, 0), arg<const void*>(p, 1),                    \
+                               arg<const void*>(p, 2), arg<const void*>(p, 3),                     \
+                               arg<const void*>(p, 4), arg<xbn_t*>(p, 5), d[0], a[0], a[1], a[2],  \
+                               a[3]);                                                              \
+     }}},                                                                                          \
     {"xbn_stats_fused_ncl_" #S, {15, 5, 4, XBN_THUNK {                                             \
          xbn_stats_fused_ncl_##S(XBN_STATS_FUSED_POINTERS, d[0], d[1], d[2], d[3], a[0], a[1],     \
                                  a[2], a[3], a[4]);                                                \

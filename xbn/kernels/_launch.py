@@ -85,10 +85,12 @@ BLOCKS_PER_SM = 32
 #: of a whole step (:data:`xbn.backends.STEP_OPS`): ``stats_fused`` (invstd, scale and shift,
 #: new running statistics; the first launch of ``batch_norm_forward``) and
 #: ``backward_reduce_fused`` (dgamma, dbeta, dx's coefficients; the first launch of
-#: ``batch_norm_backward``). A family's name is its kernels' (:func:`kernel_name`) and its
-#: launcher's (``xbn.kernels.cupy.launch_<family>``; ``launch_batch_stats`` for ``stats``).
+#: ``batch_norm_backward``); and ``inference``, the scale-shift pass that computes its
+#: coefficients from the running statistics itself (``batch_norm_inference`` in one launch).
+#: A family's name is its kernels' (:func:`kernel_name`) and its launcher's
+#: (``xbn.kernels.cupy.launch_<family>``; ``launch_batch_stats`` for ``stats``).
 OPS = ("stats", "backward_reduce", "scale_shift", "backward_apply", "stats_fused",
-       "backward_reduce_fused")
+       "backward_reduce_fused", "inference")
 #: The families with a grid reduction (workspace and counters when parts > 1).
 REDUCTIONS = ("stats", "backward_reduce", "stats_fused", "backward_reduce_fused")
 #: CUDA source of each family.
@@ -99,6 +101,7 @@ SOURCE_OF = {
     "backward_apply": "bn_elementwise.cu",
     "stats_fused": "bn_stats.cu",
     "backward_reduce_fused": "bn_backward_reduce.cu",
+    "inference": "bn_elementwise.cu",
 }
 
 #: The leading arguments of each family's kernels, in order (the plan's ints follow them):
@@ -118,9 +121,10 @@ ARGUMENTS = {
                     "counters", "eps", "keep", "momentum", "unbias", "flags"),
     "backward_reduce_fused": ("dy", "x", "mean", "inv", "weight", "dgamma", "dbeta", "k_dy",
                               "k_xmu", "k_const", "ws_a", "ws_b", "counters", "flags"),
+    "inference": ("x", "weight", "bias", "running_mean", "running_var", "y", "eps", "flags"),
 }
 
-#: Bits of the fused kernels' ``flags`` (XBN_HAS_WEIGHT ... in xbn_common.cuh).
+#: Bits of the fused and inference kernels' ``flags`` (XBN_HAS_WEIGHT ... in xbn_common.cuh).
 FLAG_HAS_WEIGHT = 1
 FLAG_HAS_BIAS = 2
 FLAG_HAS_RUNNING = 4
@@ -202,6 +206,17 @@ class LaunchPlan:
     #: Zeroed unsigned counters the launch needs (one per grid column), 0 without.
     counters: int
 
+    @property
+    def merge_per_thread(self) -> int:
+        """Partials each thread of a reduction's last block merges (0 without a split): the
+        block's threads that share a channel (a row of the channel-major block, a column of the
+        channels-last one) take the ``parts`` slots in turn. The kernels issue up to UNROLL of
+        these loads before the first merge."""
+        if not self.workspace:
+            return 0
+        share = self.block[0] if "_ncl_" in self.kernel else self.block[1]
+        return _cdiv(self.parts, share)
+
 
 def kernel_name(op: str, kind: str, vec: int) -> str:
     """The entry point of family ``op`` for layout ``kind`` and vector width ``vec``.
@@ -267,6 +282,11 @@ def vector_width(layout: Layout, itemsize: int, pointers: Iterable[int] = ()) ->
     return 1
 
 
+#: Elements a channels-last reduction block reads at least per row, when it has that many
+#: channels: 16 elements are 32 bytes or more, a whole sector of every dtype.
+MIN_ROW_ELEMENTS = 16
+
+
 @functools.lru_cache(maxsize=4096)
 def plan(
     op: str,
@@ -275,6 +295,7 @@ def plan(
     *,
     sm_count: int,
     threads_per_sm: int = THREADS_PER_SM,
+    split: bool = True,
 ) -> LaunchPlan:
     """Grid, block and workspace of kernel family ``op`` for ``layout`` with vector width ``vec``.
 
@@ -285,6 +306,25 @@ def plan(
     into slices thinner than one unrolled group per thread. Elementwise launches give each thread
     one unrolled group (many small blocks, so a ragged last wave costs little), capped by the
     grid's y limit.
+
+    A split reduction ends in its last block merging the ``parts`` partials of each channel, the
+    threads that share a channel taking them in turn, UNROLL loads at a time before the first
+    merge: ``parts`` is kept at most UNROLL times their number (``merge_per_thread`` <= UNROLL),
+    so the merge is one round trip to L2 rather than a chain of them. Channels-last reductions
+    get there by narrowing the block across channels (TX) for more rows (TY), down to
+    MIN_ROW_ELEMENTS per row; a scalar-load plan that would still need more rounds keeps its
+    blocks and merges in rounds. Channel-major blocks hold several channels, one per row of threads,
+    when a channel needs fewer than MAX_THREADS threads (small N*S), as long as every SM still
+    gets a block: the same per-channel work, in fewer and fuller blocks.
+
+    ``split=False`` plans a reduction without a split (``parts == 1``: no workspace, no
+    counters), for launches that must not depend on memory outliving them (graph capture).
+
+    >>> p = plan("stats", Layout("nlc", 32 * 56 * 56, 64, 1), 4, sm_count=132)
+    >>> p.block, p.grid, p.merge_per_thread
+    ((4, 64, 1), (4, 256, 1), 4)
+    >>> plan("inference", Layout("ncl", 8, 2048, 49), 1, sm_count=132).block
+    (128, 2, 1)
     """
     if op not in OPS:
         raise ValueError(f"unknown kernel family {op!r}; expected one of {OPS}")
@@ -299,37 +339,59 @@ def plan(
         mv = layout.outer * sv
         threads = min(MAX_THREADS, max(32, next_pow2(_cdiv(mv, UNROLL))))
         group = threads * UNROLL
+        # Channels per block: only where one channel leaves the block part empty, in which case
+        # a channel is one group per thread (no split), so results are those of one per block.
+        rows = 1
+        if threads < MAX_THREADS:
+            rows = MAX_THREADS // threads
+            while rows > 1 and _cdiv(c, rows) < sm_count:
+                rows //= 2
+        gx = _cdiv(c, rows)
         if reduction:
-            wave = sm_count * max(1, min(BLOCKS_PER_SM, threads_per_sm // threads))
-            parts = min(wave // c, _cdiv(mv, group))
+            wave = sm_count * max(1, min(BLOCKS_PER_SM, threads_per_sm // (threads * rows)))
+            parts = min(wave // gx, _cdiv(mv, group), UNROLL * threads) if split else 1
         else:
             parts = _cdiv(mv, group)
         parts = max(1, min(parts, MAX_GRID_Y))
         chunk = _cdiv(mv, parts)
         parts = _cdiv(mv, chunk)
-        if c > MAX_GRID_X:
+        if gx > MAX_GRID_X:
             raise ValueError(f"C={c} exceeds the grid's x limit")
-        grid = (c, parts, 1)
-        block = (threads, 1, 1)
+        grid = (gx, parts, 1)
+        block = (threads, rows, 1)
         args: tuple[int, ...] = (layout.outer, c, sv, chunk)
-        columns = c
+        columns = gx
     elif layout.kind == "nlc":
         if c % vec:
             raise ValueError(f"vector width {vec} does not divide C={c}")
         cvs = c // vec
         rows = layout.outer
-        tx = min(32, next_pow2(cvs))
-        # Rows per block: as many as fill MAX_THREADS, fewer for short inputs (still >= a warp).
-        ty_cap = MAX_THREADS // tx
-        ty_need = next_pow2(_cdiv(rows, UNROLL))
-        ty = min(ty_cap, max(ty_need, max(1, 32 // tx)))
-        gx = _cdiv(cvs, tx)
-        group = ty * UNROLL
-        if reduction:
+        widest = min(32, next_pow2(cvs))
+        narrowest = widest
+        if reduction and split:
+            narrowest = min(widest, next_pow2(_cdiv(MIN_ROW_ELEMENTS, vec)))
+        tx = widest
+        while True:
+            # Rows per block: as many as fill MAX_THREADS, fewer for short inputs (>= a warp).
+            ty_cap = MAX_THREADS // tx
+            ty_need = next_pow2(_cdiv(rows, UNROLL))
+            ty = min(ty_cap, max(ty_need, max(1, 32 // tx)))
+            gx = _cdiv(cvs, tx)
+            group = ty * UNROLL
+            if not reduction:
+                parts = _cdiv(rows, group)
+                break
             wave = sm_count * max(1, min(BLOCKS_PER_SM, threads_per_sm // (tx * ty)))
-            parts = min(wave // gx, _cdiv(rows, group))
-        else:
-            parts = _cdiv(rows, group)
+            parts = min(wave // gx, _cdiv(rows, group)) if split else 1
+            if parts <= UNROLL * ty:
+                break
+            if tx <= narrowest:
+                # A second round of merge loads costs about what a tenth of the blocks does:
+                # cap parts only where that keeps nine tenths of them.
+                if 10 * UNROLL * ty >= 9 * parts:
+                    parts = UNROLL * ty
+                break
+            tx //= 2
         parts = max(1, min(parts, MAX_GRID_Y))
         chunk = _cdiv(rows, parts)
         parts = _cdiv(rows, chunk)

@@ -7,16 +7,27 @@
 // exactly 0 as variance, and a large common offset costs the statistics no digits.
 //
 // Entry points (_v1: scalar loads; _v2/_v4/_v8: W-element vectors of 8 or 16 bytes):
-//   xbn_stats_ncl_v*        channel-major (N, C, S); grid (C, parts), block (threads, 1, 1)
+//   xbn_stats_ncl_v*        channel-major (N, C, S); grid (ceil(C / CB), parts), block
+//                           (threads, CB, 1): CB channels per block, one per row of threads
 //   xbn_stats_nlc_v*        channels-last (R, C); grid (ceil(C / W / TX), parts), block (TX, TY)
 //   xbn_stats_fused_ncl_v*  the same launches, and the thread that finishes a channel goes on
 //   xbn_stats_fused_nlc_v*  with the per-channel work of a training forward (xbn_forward_out):
 //                           invstd, the (scale, shift) of y = x * scale + shift, and the new
 //                           running statistics, so a forward is this launch and scale_shift.
 // Workspace (only when parts > 1): partial means, M2 and counts, C * parts each, and one
-// zeroed unsigned counter per channel (ncl) or per column of blocks (nlc), left zeroed again.
+// zeroed unsigned counter per column of blocks (blockIdx.x), which wraps back to zero by itself.
 
 #include "xbn_common.cuh"
+
+// Partials a thread of the channel-major last block loads at once before merging them. Half
+// as many for float64: each Chan merge calls double division's slow path, across which four
+// slots of loads do not stay in registers (ptxas spills them on sm_90); C < 4 needs a second
+// round then (a split channel-major reduction has at most a wave of blocks, wave / C parts).
+#if defined(XBN_DTYPE_F64)
+#define XBN_STATS_MERGE (XBN_UNROLL / 2)
+#else
+#define XBN_STATS_MERGE XBN_UNROLL
+#endif
 
 // Statistics of the first k of XBN_UNROLL loaded vectors, shifted by `first`, merged into
 // (mean, m2, n).
@@ -135,15 +146,18 @@ __device__ __forceinline__ void xbn_stats_ncl(const xbn_t* __restrict__ x,
                                               unsigned int* __restrict__ counters,
                                               int n_outer, int channels, int sv, int chunk,
                                               const Out& out) {
-    const int c = blockIdx.x;
+    const int c = (int)(blockIdx.x * blockDim.y + threadIdx.y);
+    const bool active = c < channels;  // a row past the last channel still meets the barriers
     const int part = blockIdx.y;
     const int parts = gridDim.y;
     const int mv = n_outer * sv;
     const int begin = part * chunk;
-    const int end = min(begin + chunk, mv);
+    const int end = active ? min(begin + chunk, mv) : begin;
     const int csv = channels * sv;
-    const xbn_vec<W>* xc = reinterpret_cast<const xbn_vec<W>*>(x) + c * sv;
-    const acc_t first = xbn_load_acc(x[c * sv * W]);  // the channel's value at n = 0, s = 0
+    const int cc = active ? c : 0;
+    const xbn_vec<W>* xc = reinterpret_cast<const xbn_vec<W>*>(x) + cc * sv;
+    // the channel's value at n = 0, s = 0
+    const acc_t first = xbn_shift_of(xbn_load_acc(x[cc * sv * W]));
 
     acc_t mean = 0, m2 = 0;
     int n = 0;
@@ -166,28 +180,46 @@ __device__ __forceinline__ void xbn_stats_ncl(const xbn_t* __restrict__ x,
 
     xbn_block_welford(mean, m2, n);
     if (parts > 1) {
-        if (threadIdx.x == 0) {
+        if (threadIdx.x == 0 && active) {
             const int slot = c * parts + part;
             ws_mean[slot] = mean;
             ws_m2[slot] = m2;
             ws_n[slot] = n;
             __threadfence();
         }
-        if (!xbn_arrive_last(counters + c, (unsigned int)parts)) return;
+        if (!xbn_arrive_last(counters + blockIdx.x, (unsigned int)parts)) return;
 
-        // The last block: partials in slice order per thread, then the fixed block tree.
+        // The last block: each thread's slots in slice order, then the fixed block tree. The
+        // loads of XBN_STATS_MERGE slots are all issued before the first merge, and the planner
+        // keeps parts <= XBN_UNROLL * blockDim.x: one round trip to L2, not one per slot.
         mean = 0;
         m2 = 0;
         n = 0;
-        for (int i = (int)threadIdx.x; i < parts; i += (int)blockDim.x) {
-            const int slot = c * parts + i;
-            xbn_chan_merge(mean, m2, n, xbn_ld_cg(ws_mean + slot), xbn_ld_cg(ws_m2 + slot),
-                           xbn_ld_cg(ws_n + slot));
+        const int merged = active ? parts : 0;
+        for (int i = (int)threadIdx.x; i < merged; i += XBN_STATS_MERGE * (int)blockDim.x) {
+            acc_t mean_b[XBN_STATS_MERGE], m2_b[XBN_STATS_MERGE];
+            int n_b[XBN_STATS_MERGE];
+#pragma unroll
+            for (int u = 0; u < XBN_STATS_MERGE; ++u) {
+                const int j = i + u * (int)blockDim.x;
+                mean_b[u] = 0;
+                m2_b[u] = 0;
+                n_b[u] = 0;
+                if (j < parts) {
+                    const int slot = c * parts + j;
+                    mean_b[u] = xbn_ld_cg(ws_mean + slot);
+                    m2_b[u] = xbn_ld_cg(ws_m2 + slot);
+                    n_b[u] = xbn_ld_cg(ws_n + slot);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < XBN_STATS_MERGE; ++u) {
+                xbn_chan_merge(mean, m2, n, mean_b[u], m2_b[u], n_b[u]);
+            }
         }
         xbn_block_welford(mean, m2, n);
-        xbn_release_counter(counters + c);
     }
-    if (threadIdx.x == 0) out(c, first + mean, m2, n);
+    if (threadIdx.x == 0 && active) out(c, first + mean, m2, n);
 }
 
 // Merge the (TX, TY) threads' states down the y axis of the block, in a fixed tree: the result
@@ -249,7 +281,7 @@ __device__ __forceinline__ void xbn_stats_nlc(const xbn_t* __restrict__ x,
     if (active) {
         const xbn_vec<W> row0 = xv[cv];  // the W channels' values in row 0
 #pragma unroll
-        for (int w = 0; w < W; ++w) first[w] = xbn_load_acc(row0.v[w]);
+        for (int w = 0; w < W; ++w) first[w] = xbn_shift_of(xbn_load_acc(row0.v[w]));
     }
     int n = 0;
     if (active) {
@@ -292,7 +324,7 @@ __device__ __forceinline__ void xbn_stats_nlc(const xbn_t* __restrict__ x,
                     m2[w] = gm2;
                 } else {
                     const acc_t delta = gmean - mean[w];
-                    mean[w] += delta * ratio;
+                    mean[w] = xbn_merged_mean(mean[w], gmean, delta, ratio);
                     m2[w] += gm2 + delta * delta * cross;
                 }
             }
@@ -314,26 +346,35 @@ __device__ __forceinline__ void xbn_stats_nlc(const xbn_t* __restrict__ x,
         }
         if (!xbn_arrive_last(counters + blockIdx.x, (unsigned int)parts)) return;
 
+        // Each thread's slots in slice order, then the fixed column tree; as in the
+        // channel-major kernel, one round of loads (parts <= XBN_UNROLL * TY by the planner).
 #pragma unroll
         for (int w = 0; w < W; ++w) {
             mean[w] = 0;
             m2[w] = 0;
         }
         n = 0;
-        if (active) {
-            for (int i = ty; i < parts; i += tys) {
-                const int slot = i * cvs + cv;
-                acc_t mean_b[W], m2_b[W];
+        const int merged = active ? parts : 0;
+        for (int i = ty; i < merged; i += XBN_UNROLL * tys) {
+            acc_t mean_b[XBN_UNROLL][W], m2_b[XBN_UNROLL][W];
+            int n_b[XBN_UNROLL];
+#pragma unroll
+            for (int u = 0; u < XBN_UNROLL; ++u) {
+                const int j = i + u * tys;
+                const int slot = j * cvs + cv;
+                n_b[u] = j < parts ? xbn_ld_cg(ws_n + slot) : 0;
 #pragma unroll
                 for (int w = 0; w < W; ++w) {
-                    mean_b[w] = xbn_ld_cg(ws_mean + slot * W + w);
-                    m2_b[w] = xbn_ld_cg(ws_m2 + slot * W + w);
+                    mean_b[u][w] = j < parts ? xbn_ld_cg(ws_mean + slot * W + w) : (acc_t)0;
+                    m2_b[u][w] = j < parts ? xbn_ld_cg(ws_m2 + slot * W + w) : (acc_t)0;
                 }
-                xbn_chan_merge_shared<W>(mean, m2, n, mean_b, m2_b, xbn_ld_cg(ws_n + slot));
+            }
+#pragma unroll
+            for (int u = 0; u < XBN_UNROLL; ++u) {
+                xbn_chan_merge_shared<W>(mean, m2, n, mean_b[u], m2_b[u], n_b[u]);
             }
         }
         xbn_column_welford<W>(mean, m2, n);
-        xbn_release_counter(counters + blockIdx.x);
     }
     if (ty == 0 && active) {
 #pragma unroll

@@ -122,6 +122,34 @@ __device__ __forceinline__ int xbn_ld_cg(const int* p) { return __ldcg(p); }
 // Welford / Chan: (count, mean, M2) of a set of values; merging two sets is exact in real
 // arithmetic, and never forms E[x^2] - E[x]^2, which cancels in float32 when |mean| >> std.
 
+__device__ __forceinline__ bool xbn_isinf(float v) {
+    return (__float_as_uint(v) & 0x7fffffffu) == 0x7f800000u;
+}
+__device__ __forceinline__ bool xbn_isinf(double v) {
+    return (__double_as_longlong(v) & 0x7fffffffffffffffLL) == 0x7ff0000000000000LL;
+}
+__device__ __forceinline__ bool xbn_isfinite(float v) {
+    return (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u;
+}
+__device__ __forceinline__ bool xbn_isfinite(double v) {
+    return (__double_as_longlong(v) & 0x7ff0000000000000LL) != 0x7ff0000000000000LL;
+}
+
+// The value a channel's data are shifted by: its first value, unless that is inf or NaN, where
+// x - first would turn the channel's other infinities into NaN (inf - inf); 0 then.
+__device__ __forceinline__ acc_t xbn_shift_of(acc_t first) {
+    return xbn_isfinite(first) ? first : (acc_t)0;
+}
+
+// The mean of two merged sets. mean + delta * ratio is NaN as soon as one side is infinite
+// (inf - inf in delta, or inf + (-inf) * ratio); a set holding infinities of one sign has that
+// infinity as its mean, and of both signs NaN, which mean + mean_b gives (as a sum would, and
+// as PyTorch's running_mean shows).
+__device__ __forceinline__ acc_t xbn_merged_mean(acc_t mean, acc_t mean_b, acc_t delta,
+                                                 acc_t ratio) {
+    return (xbn_isinf(mean) || xbn_isinf(mean_b)) ? mean + mean_b : mean + delta * ratio;
+}
+
 __device__ __forceinline__ void xbn_chan_merge(acc_t& mean, acc_t& m2, int& n,
                                                acc_t mean_b, acc_t m2_b, int n_b) {
     if (n_b == 0) return;
@@ -134,7 +162,7 @@ __device__ __forceinline__ void xbn_chan_merge(acc_t& mean, acc_t& m2, int& n,
     const int total = n + n_b;
     const acc_t ratio = (acc_t)n_b / (acc_t)total;
     const acc_t delta = mean_b - mean;
-    mean += delta * ratio;
+    mean = xbn_merged_mean(mean, mean_b, delta, ratio);
     m2 += m2_b + delta * delta * (acc_t)n * ratio;
     n = total;
 }
@@ -160,16 +188,18 @@ __device__ __forceinline__ void xbn_chan_merge_shared(acc_t (&mean)[W], acc_t (&
 #pragma unroll
     for (int w = 0; w < W; ++w) {
         const acc_t delta = mean_b[w] - mean[w];
-        mean[w] += delta * ratio;
+        mean[w] = xbn_merged_mean(mean[w], mean_b[w], delta, ratio);
         m2[w] += m2_b[w] + delta * delta * cross;
     }
     n = total;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Deterministic reductions over a 1-D block (blockDim.x a multiple of 32, at most
-// XBN_MAX_THREADS): a fixed shuffle tree per warp, then warp 0 over the warps' results in warp
-// order. The result is in thread 0. Every thread of the block must call these (barriers inside).
+// Deterministic reductions over each row of a block (blockDim.x a multiple of 32, blockDim.x *
+// blockDim.y at most XBN_MAX_THREADS; the channel-major kernels give each row a channel of its
+// own): a fixed shuffle tree per warp, then the row's warp 0 over the row's warps in warp
+// order. The result is in thread (0, y). Every thread of the block must call these (barriers
+// inside). A row's result does not depend on how many rows the block has.
 
 __device__ __forceinline__ void xbn_warp_welford(acc_t& mean, acc_t& m2, int& n) {
 #pragma unroll
@@ -187,20 +217,21 @@ __device__ __forceinline__ void xbn_block_welford(acc_t& mean, acc_t& m2, int& n
     __shared__ int s_n[XBN_MAX_THREADS / 32];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    const int warps = blockDim.x >> 5;
+    const int warps = blockDim.x >> 5;  // per row
+    const int row = (int)threadIdx.y * warps;
     xbn_warp_welford(mean, m2, n);
     __syncthreads();  // a previous call may still be reading the tiles
     if (lane == 0) {
-        s_mean[warp] = mean;
-        s_m2[warp] = m2;
-        s_n[warp] = n;
+        s_mean[row + warp] = mean;
+        s_m2[row + warp] = m2;
+        s_n[row + warp] = n;
     }
     __syncthreads();
     if (warp == 0) {
         if (lane < warps) {
-            mean = s_mean[lane];
-            m2 = s_m2[lane];
-            n = s_n[lane];
+            mean = s_mean[row + lane];
+            m2 = s_m2[row + lane];
+            n = s_n[row + lane];
         } else {
             mean = 0;
             m2 = 0;
@@ -223,17 +254,18 @@ __device__ __forceinline__ void xbn_block_sum2(acc_t& a, acc_t& b) {
     __shared__ acc_t s_b[XBN_MAX_THREADS / 32];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    const int warps = blockDim.x >> 5;
+    const int warps = blockDim.x >> 5;  // per row
+    const int row = (int)threadIdx.y * warps;
     xbn_warp_sum2(a, b);
     __syncthreads();
     if (lane == 0) {
-        s_a[warp] = a;
-        s_b[warp] = b;
+        s_a[row + warp] = a;
+        s_b[row + warp] = b;
     }
     __syncthreads();
     if (warp == 0) {
-        a = lane < warps ? s_a[lane] : (acc_t)0;
-        b = lane < warps ? s_b[lane] : (acc_t)0;
+        a = lane < warps ? s_a[row + lane] : (acc_t)0;
+        b = lane < warps ? s_b[row + lane] : (acc_t)0;
         xbn_warp_sum2(a, b);
     }
 }
@@ -241,14 +273,16 @@ __device__ __forceinline__ void xbn_block_sum2(acc_t& a, acc_t& b) {
 // ---------------------------------------------------------------------------------------------
 // The semaphore of the two-stage grid reduction. Every thread that wrote partials has fenced
 // them; this returns, in every thread of the block, whether this block was the last of the
-// `blocks` blocks that share `*counter` to arrive. The last block resets the counter to 0 once
-// it has read the partials (xbn_release_counter), so the buffer is ready for the next launch.
+// `blocks` blocks that share `*counter` to arrive. The ticket is atomicInc's, which wraps at
+// blocks - 1: the last block's own ticket puts the counter back to 0. No separate reset has to
+// run later, so nothing (an exception between two launches, a captured graph that replays the
+// kernel without any host code around it) can leave a counter that the next launch misreads.
 
 __device__ __forceinline__ bool xbn_arrive_last(unsigned int* counter, unsigned int blocks) {
     __shared__ bool s_last;
     __syncthreads();  // every writer's partials and fence happen before the ticket
     if (threadIdx.x == 0 && threadIdx.y == 0) {
-        const unsigned int ticket = atomicAdd(counter, 1u);
+        const unsigned int ticket = atomicInc(counter, blocks - 1u);
         s_last = (ticket == blocks - 1u);
         __threadfence();  // acquire side: the partials read next are the ones fenced above
     }
@@ -256,16 +290,13 @@ __device__ __forceinline__ bool xbn_arrive_last(unsigned int* counter, unsigned 
     return s_last;
 }
 
-__device__ __forceinline__ void xbn_release_counter(unsigned int* counter) {
-    if (threadIdx.x == 0 && threadIdx.y == 0) {
-        *counter = 0u;
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
-// Walk of the channel-major layout (N, C, S) in vector units: a channel's values are numbered
-// m = n * Sv + s (Sv = S / W vectors per plane), its vector m lives at n * C * Sv + c * Sv + s.
-// A thread visits m, m + step, m + 2 step, ... and keeps (n, s) by carrying instead of dividing.
+// Walk of the channel-major layout (N, C, S) in vector units. Each row of a block has a channel
+// of its own, c = blockIdx.x * blockDim.y + threadIdx.y (rows are several only where a channel
+// needs fewer than XBN_MAX_THREADS threads: fewer blocks, each full), and blockIdx.y is the
+// slice. A channel's values are numbered m = n * Sv + s (Sv = S / W vectors per plane), its
+// vector m lives at n * C * Sv + c * Sv + s. A thread visits m, m + step, m + 2 step, ... and
+// keeps (n, s) by carrying instead of dividing.
 
 struct xbn_ncl_walk {
     int n;
