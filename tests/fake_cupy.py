@@ -5,11 +5,22 @@ real pointers, per-stream counters) run end to end without a GPU.
 
 Fresh "device memory" (empty) is filled with NaN (and 0x5A5A5A5A for integers), as stale GPU
 memory would hold garbage: an output the kernels fail to write shows up.
+
+Streams: each thread has a current stream (``cuda.get_current_stream()``), the legacy default
+stream (pointer 0) unless ``per_thread_default_stream`` is set, in which case every thread's
+default stream is a stream of its own with the one pointer 2, as CuPy's with
+CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1. ``capture()`` marks the current stream as being captured
+into a graph. Every launch is recorded in ``launches`` and, with the pointers of its array
+arguments (in order), in ``launch_pointers``; ``before_launch`` (if set) is called with the
+kernel's name before a launch runs, and may raise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -25,6 +36,9 @@ int32, uint32 = np.int32, np.uint32
 nan = np.nan
 dtype = np.dtype
 launches: list[tuple[str, str, tuple[int, ...], tuple[int, ...]]] = []
+launch_pointers: list[tuple[str, tuple[int, ...]]] = []
+before_launch: Callable[[str], None] | None = None
+per_thread_default_stream = False
 seed = 1
 
 
@@ -89,7 +103,8 @@ def ascontiguousarray(a: Any) -> ndarray:
 def empty(shape: Any, dtype: Any = np.float32) -> ndarray:
     dt = np.dtype(dtype)
     out = _alloc(shape, dt)
-    out[...] = np.nan if dt.kind == "f" else 0x5A5A5A5A
+    floating = dt.kind == "f" or dt.name == "bfloat16"  # ml_dtypes' bfloat16 is kind "V"
+    out[...] = np.nan if floating else 0x5A5A5A5A
     return out
 
 
@@ -113,8 +128,11 @@ class _Kernel:
         self.kernel = SimpleNamespace(ptr=id(self))
 
     def __call__(self, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
+        if before_launch is not None:
+            before_launch(self.name)
         launches.append((self.key, self.name, tuple(grid), tuple(block)))
         arrays = [a for a in args if isinstance(a, np.ndarray)]
+        launch_pointers.append((self.name, tuple(a.__array_interface__["data"][0] for a in arrays)))
         scalars = [a for a in args if not isinstance(a, np.ndarray)]
         for a in scalars:
             # CuPy passes NumPy scalars by value in their own dtype, Python ones as 64-bit
@@ -147,10 +165,48 @@ class RawModule:
         return _Kernel(self.key, name)
 
 
-_stream = SimpleNamespace(ptr=0)
+class Stream:
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+        self.capturing = False
+
+    def is_capturing(self) -> bool:
+        return self.capturing
+
+
+_legacy = Stream(0)
+_local = threading.local()
+
+
+def get_current_stream() -> Stream:
+    current = getattr(_local, "stream", None)
+    if current is None:
+        # every thread's own per-thread default stream, all with cudaStreamPerThread's pointer
+        current = Stream(2) if per_thread_default_stream else _legacy
+        _local.stream = current
+    return current
+
+
+@contextlib.contextmanager
+def capture() -> Iterator[Stream]:
+    """The current stream, captured into a graph for the duration."""
+    stream = get_current_stream()
+    stream.capturing = True
+    try:
+        yield stream
+    finally:
+        stream.capturing = False
+
+
+def reset_streams() -> None:
+    _local.__dict__.clear()
+    _legacy.capturing = False
+
+
 cuda = SimpleNamespace(
     Device=Device,
-    get_current_stream=lambda: _stream,
+    Stream=Stream,
+    get_current_stream=get_current_stream,
     driver=SimpleNamespace(
         occupancyMaxActiveBlocksPerMultiprocessor=lambda ptr, threads, smem: BLOCKS_PER_SM
     ),

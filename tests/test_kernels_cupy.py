@@ -2,7 +2,9 @@
 poisoned outputs, bitwise determinism, fallbacks, streams, and the layer on top. The whole-step
 ops (fused per-channel epilogues): two launches per direction, the generic CuPy path's results
 and dtypes, every output written, bitwise determinism, constant channels giving exactly the
-bias, and BatchNorm2d on the kernels against BatchNorm2d on the generic path.
+bias, and BatchNorm2d on the kernels against BatchNorm2d on the generic path. The eval-mode
+forward as one launch; reductions under CUDA graph capture (replayed); threads on the
+per-thread default stream; infinities and constant channels on tall (N, C) inputs.
 
 Skips (with the reason) where CuPy or a usable CUDA device is missing. ci/gpu_tier.sh runs it;
 tests/test_kernels_host.py runs the same kernels on the CPU where there is no GPU.
@@ -216,8 +218,8 @@ def test_counters_are_left_zero():
     kc.launch_batch_stats(x, axis=1)
     kc.launch_backward_reduce(x, x, cupy.zeros(2, cupy.float32), axis=1)
     cupy.cuda.get_current_stream().synchronize()
-    assert kc._COUNTERS, "a split reduction should have used the counters"
-    for buf in kc._COUNTERS.values():
+    assert kc._thread_counters(), "a split reduction should have used the counters"
+    for buf in kc._thread_counters().values():
         assert int(cupy.count_nonzero(buf)) == 0
 
 
@@ -522,3 +524,148 @@ def test_batchnorm2d_steps_match_generic_backend(dtype, momentum, affine, track)
     dy, _ = _make((8, 24, 10, 9), dtype, 71)
     ref.assert_close(_f64(fast(x)), _f64(slow(x)), tol, "eval y")
     ref.assert_close(_f64(fast.backward(dy)), _f64(slow.backward(dy)), tol, "eval dx")
+
+
+# -- the eval-mode forward, graph capture, threads, non-finite input ----------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "axis"), [((16, 8, 14, 14), 1), ((128, 64, 7, 7), 1),
+                                             ((8, 2048, 7, 7), 1), ((64, 7, 7, 3), -1),
+                                             ((4096, 1024), 1)])
+def test_inference_is_one_launch_with_the_generic_results(shape, axis, dtype, monkeypatch):
+    c = shape[axis]
+    x, xh = _make(shape, dtype, 80, loc=1.0)
+    rng = np.random.default_rng(81)
+    w, b = (cupy.asarray(rng.normal(1, 0.3, c).astype(np.float32)),
+            cupy.asarray(rng.normal(size=c).astype(np.float32)))
+    rm, rv = (cupy.asarray(rng.normal(size=c).astype(np.float32)),
+              cupy.asarray(rng.uniform(0.3, 2, c).astype(np.float32)))
+    launches = _Launches(monkeypatch)
+    y = _CUPY.ops.batch_norm_inference(x, w, b, rm, rv, axis=axis, eps=1e-5)
+    assert launches.take() == ["inference"]
+    want = _GENERIC.ops.batch_norm_inference(x, w, b, rm, rv, axis=axis, eps=1e-5)
+    assert y.dtype == want.dtype
+    ref.assert_close(_f64(y), _f64(want), TOL[dtype], "eval y")
+
+
+def test_layer_eval_forward_is_one_launch(monkeypatch):
+    import xbn
+
+    bn = xbn.BatchNorm2d(16, backend=_CUPY)
+    x, _ = _make((8, 16, 12, 12), "float32", 82)
+    bn(x)
+    bn.backward(x)
+    bn.eval()
+    launches = _Launches(monkeypatch)
+    bn(x)
+    assert launches.take() == ["inference"]
+
+
+def test_reductions_under_graph_capture_replay_correctly():
+    """Captured into a CUDA graph, a forward and backward whose reductions would split run
+    unsplit (no pool workspace, no counter buffer made in the capture), and the graph replayed
+    on new data gives that data's results."""
+    x, xh = _make((4, 2, 256, 256), "float32", 83)
+    dy, dyh = _make((4, 2, 256, 256), "float32", 84)
+    w, b = cupy.ones(2, cupy.float32), cupy.zeros(2, cupy.float32)
+    kc._thread_counters().clear()
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        # compile, and fill the memory pool with the sizes the capture allocates, beforehand
+        _, m0, i0, _, _ = _CUPY.ops.batch_norm_forward(x, w, b, None, None, axis=1)
+        _CUPY.ops.batch_norm_backward(dy, x, m0, i0, w, axis=1)
+        stream.synchronize()
+        stream.begin_capture()
+        y, mean, inv, _, _ = _CUPY.ops.batch_norm_forward(x, w, b, None, None, axis=1)
+        dx, dgamma, dbeta = _CUPY.ops.batch_norm_backward(dy, x, mean, inv, w, axis=1)
+        graph = stream.end_capture()
+    assert not any(k[1] == stream.ptr for k in kc._thread_counters())
+    for seed in (85, 86):
+        new_x, new_xh = _make(x.shape, "float32", seed)
+        x[...] = new_x
+        graph.launch(stream)
+        stream.synchronize()
+        want = ref.forward(new_xh, axis=1, weight=np.ones(2), bias=np.zeros(2), eps=1e-5)
+        ref.assert_close(_f64(y), want["y"], 1e-5, "replayed y")
+        grads = ref.backward(dyh, new_xh, axis=1, weight=np.ones(2), eps=1e-5)
+        ref.assert_close(_f64(dx), grads["dx"], 1e-4, "replayed dx")
+
+
+def test_threads_on_streams_of_their_own():
+    """Four threads, each on a stream of its own, reducing at once: every result right."""
+    import threading
+
+    x, xh = _make((600, 64), "float32", 87)
+    want = xh.var(axis=0)
+    errors = []
+
+    def work():
+        try:
+            with cupy.cuda.Stream(non_blocking=True) as s:
+                for _ in range(20):
+                    _, v = kc.launch_batch_stats(x, axis=1)
+                s.synchronize()
+                ref.assert_close(_f64(v), want, 1e-5, "var")
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_threads_on_the_per_thread_default_stream():
+    """With CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1 (read when CuPy is imported, hence a child
+    process) every thread's default stream has one pointer; four threads reducing at once on
+    theirs must still not share counters."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import threading, numpy as np, cupy\n"
+        "from xbn.kernels import cupy as kc\n"
+        "assert cupy.cuda.get_current_stream().ptr == cupy.cuda.Stream.ptds.ptr\n"
+        "h = np.random.default_rng(0).normal(size=(600, 64)).astype(np.float32)\n"
+        "x = cupy.asarray(h); want = h.astype(np.float64).var(axis=0); bad = []\n"
+        "def work():\n"
+        "    for _ in range(50):\n"
+        "        _, v = kc.launch_batch_stats(x, axis=1)\n"
+        "    cupy.cuda.get_current_stream().synchronize()\n"
+        "    if not np.allclose(cupy.asnumpy(v), want, rtol=1e-5): bad.append(1)\n"
+        "ts = [threading.Thread(target=work) for _ in range(4)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+        "assert not bad, 'wrong statistics'\n"
+    )
+    env = dict(os.environ, CUPY_CUDA_PER_THREAD_DEFAULT_STREAM="1")
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((8192, 6), 1), ((4, 6, 4096), 1)])
+def test_infinities_and_constant_channels(shape, axis):
+    host = np.random.default_rng(88).normal(size=shape).astype(np.float32)
+    moved = np.moveaxis(host, axis, 0)
+    moved[0] = np.float32(12345.678)
+    moved[1] = np.float32(1e8)
+    moved[2][(0,) * (moved.ndim - 1)] = np.inf      # the channel's first value
+    moved[3][(-1,) * (moved.ndim - 1)] = -np.inf    # its last
+    host = np.ascontiguousarray(host)
+    x = cupy.asarray(host)
+    c = shape[axis]
+    bias = cupy.asarray(np.linspace(-1, 1, c).astype(np.float32))
+    y, mean, inv, rm, rv = _CUPY.ops.batch_norm_forward(
+        x, cupy.ones(c, cupy.float32), bias, cupy.zeros(c, cupy.float32),
+        cupy.ones(c, cupy.float32), axis=axis)
+    m, r_m, r_v = cupy.asnumpy(mean), cupy.asnumpy(rm), cupy.asnumpy(rv)
+    yh = np.moveaxis(cupy.asnumpy(y), axis, 0)
+    assert m[0] == np.float32(12345.678) and m[1] == np.float32(1e8)
+    assert (yh[0] == cupy.asnumpy(bias)[0]).all() and (yh[1] == cupy.asnumpy(bias)[1]).all()
+    assert m[2] == np.inf and m[3] == -np.inf and r_m[2] == np.inf and r_m[3] == -np.inf
+    assert np.isnan(r_v[2:4]).all() and np.isnan(yh[2:4]).all()
+    assert np.isfinite(yh[4:]).all()

@@ -17,27 +17,42 @@ What the kernels take, and what goes to the generic :mod:`xbn.functional` path i
   float64 with float64 accumulation. Every per-channel vector (mean, scale, shift, k_*) must
   have that accumulator dtype (``xbn.functional.compute_dtype`` of the input); other mixes, e.g.
   float64 running statistics used with float32 input in eval mode, go to the generic path.
-  CuPy has no bfloat16 dtype of its own: the bf16 kernels run where CuPy holds an array of dtype
-  name "bfloat16" (ml_dtypes), which array-api-compat's CuPy namespace does not expose today.
+  bfloat16 arrays are ml_dtypes' (see below).
 * Anything that is not a ``cupy.ndarray`` (or sits on another device than ``x``) falls back.
 
 Launch shapes (:mod:`xbn.kernels._launch` plans them, in plain Python): the channel-major
-family runs grid (C, parts) with 32-256 threads per block, each block walking a contiguous
-slice of one channel's N*S values; ``parts`` splits a channel only as far as one full wave of
-the GPU needs (small C, large N*S). The channels-last family runs blocks of (TX, TY) threads,
-TX across channels (each thread owning 1 or W channels), TY across rows, and splits rows over
-``parts`` blocks. Loads are 16 bytes wide (float4, double2, 8 halves) when every pointer is
+family runs grid (ceil(C / CB), parts) with 32-256 threads per channel, each row of a block
+walking a contiguous slice of one channel's N*S values (CB > 1 channels a block where a channel
+needs fewer than 256 threads); ``parts`` splits a channel only as far as one full wave of the
+GPU needs (small C, large N*S). The channels-last family runs blocks of (TX, TY) threads, TX
+across channels (each thread owning 1 or W channels), TY across rows, and splits rows over
+``parts`` blocks, with TX narrowed for a reduction so that the last block merges at most four
+partials per thread, loaded at once. Loads are 16 bytes wide (float4, double2, 8 halves) when every pointer is
 16-byte aligned and S (or C, channels-last) is a multiple of the width, else 8 bytes wide
 (float2, 4 halves; 14x14 float16 planes) under the same conditions, else scalar.
 
 Determinism: no floating-point atomics. A reduction split over ``parts`` blocks writes one
 partial per block to a workspace slot of its own; the last block to finish (threadfence, then
-an atomic ticket on a per-channel counter) merges the slots in slot order, with Chan's formula
-for (count, mean, M2) in the statistics (of the values shifted by their channel's first value,
-so a constant channel has exactly variance 0) and plain sums in the backward, then resets its
-counter to zero. The same inputs give bitwise the same outputs on every run. The zeroed counters live in
-one small buffer per (device, stream), reused by every launch on that stream; the partials come
-from CuPy's memory pool per call.
+an atomic ticket on a counter per column of blocks) merges the slots in slot order, with Chan's
+formula for (count, mean, M2) in the statistics (of the values shifted by their channel's first
+value, so a constant channel has exactly variance 0) and plain sums in the backward. The same
+inputs give bitwise the same outputs on every run. The ticket is ``atomicInc`` with the number
+of blocks as its wrap, so the last block's own ticket puts the counter back to zero: no reset
+step exists that an exception or a replayed graph could skip. The zeroed counters live in one
+small buffer per thread, device and stream (threads that share a stream pointer, as every
+thread's default stream does with CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1, get their own); the
+partials come from CuPy's memory pool per call. Under CUDA graph capture
+(``Stream.is_capturing()``) reductions are planned unsplit: no workspace from the pool that the
+graph would keep writing after the call gave it back, and no counter buffer whose zeroing would
+only be captured. Such a launch rounds as another split does (within the accuracy bounds) and is
+slower for few channels over many values.
+
+bfloat16: CuPy 14 holds bfloat16 arrays through ml_dtypes (dtype name "bfloat16"), and the
+registered ops take them on the bf16 kernels. The layers do not: array-api-compat's CuPy
+namespace has no ``bfloat16``, so ``BatchNorm(..., dtype="bfloat16")`` is refused, and its
+``isdtype`` (NumPy's) raises for ml_dtypes' dtype, so an input of it fails the layer's dtype
+check. bfloat16 reaches the kernels through ``xbn.backends.resolve("cupy").ops`` or
+:mod:`xbn.functional` with ``ops=``.
 
 Whole steps: a training forward (``batch_norm_forward``) is two launches, ``stats_fused``
 (the statistics kernel whose last block per channel goes on with the per-channel work: invstd,
@@ -45,7 +60,9 @@ the scale and shift of y = x * scale + shift with the var == 0 rule, the new run
 statistics), then scale_shift; a backward (``batch_norm_backward``) is two launches too,
 ``backward_reduce_fused`` (the backward reduction whose last block computes dgamma, dbeta and
 dx's coefficients), then backward_apply (or scale_shift of dy alone after an eval-mode
-forward). The generic composition in :mod:`xbn.functional` spends about thirty small CuPy
+forward); an eval-mode forward (``batch_norm_inference``) is one launch, the inference
+kernel, which computes each channel's scale and shift from the running statistics itself. The
+generic composition in :mod:`xbn.functional` spends about thirty small CuPy
 operations on that per-channel work, each a kernel launch with microseconds of CPU overhead;
 the fused epilogues compute the same formulas in the same order, each operation correctly
 rounded, so the two agree to the rounding of the statistics. Parameters and running statistics
@@ -73,6 +90,7 @@ Examples
 from __future__ import annotations
 
 import functools
+import threading
 from types import ModuleType
 from typing import Any
 
@@ -94,6 +112,8 @@ __all__ = [
     "batch_norm_backward",
     "launch_stats_fused",
     "launch_backward_reduce_fused",
+    "batch_norm_inference",
+    "launch_inference",
     "route",
 ]
 
@@ -158,20 +178,49 @@ def _threads_per_sm(source: str, key: str, name: str, device_id: int) -> int:
     return max(_launch.MAX_THREADS, min(limit, int(blocks) * _launch.MAX_THREADS))
 
 
-# (device id, stream pointer) -> zeroed uint32 counters; every finished reduction leaves its
-# counters at zero again, so launches on one stream (which run in order) can share them.
-_COUNTERS: dict[tuple[int, int], Any] = {}
+# Zeroed uint32 counters per thread, then per (device id, stream pointer). A split reduction's
+# kernel leaves its counters at zero by itself (the ticket wraps, xbn_common.cuh), so launches
+# that run in order can share them: those of one stream. Not those of two threads, though, even
+# on one stream pointer: with CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1 every thread's default
+# stream has the same pointer, and two threads' kernels would run at once on one buffer. Kept
+# in the thread's own storage rather than keyed by its ident, which a new thread may reuse
+# while the old one's kernels are still queued; a buffer is freed with its thread, as CuPy
+# frees any array (and is replaced by a larger one, never shrunk).
+_LOCAL = threading.local()
+
+
+def _thread_counters() -> dict[tuple[int, int], Any]:
+    """This thread's counter buffers, by (device id, stream pointer)."""
+    mine = getattr(_LOCAL, "counters", None)
+    if mine is None:
+        mine = _LOCAL.counters = {}
+    return mine
 
 
 def _counters(n: int, device_id: int) -> Any:
     cupy = _cupy()
+    mine = _thread_counters()
     key = (device_id, cupy.cuda.get_current_stream().ptr)
-    buf = _COUNTERS.get(key)
+    buf = mine.get(key)
     if buf is None or buf.size < n:
         size = max(n, 1024, 0 if buf is None else 2 * buf.size)
         buf = cupy.zeros(size, dtype=cupy.uint32)
-        _COUNTERS[key] = buf
+        mine[key] = buf
     return buf
+
+
+def _capturing() -> bool:
+    """Whether the current stream is being captured into a CUDA graph.
+
+    A split reduction then must not run: its partials would come from the memory pool and go
+    back to it when the call returns while the graph still writes them on every replay, and a
+    new counter buffer's zeroing would be captured rather than run. A query that fails counts
+    as capturing (CUDA refuses it on the legacy stream while another stream captures).
+    """
+    try:
+        return bool(_cupy().cuda.get_current_stream().is_capturing())
+    except Exception:
+        return True
 
 
 # -- input checks -------------------------------------------------------------------------------
@@ -264,13 +313,15 @@ def _output(out: Array | None, x: Array, shape: tuple[int, ...], dtype: Any) -> 
 def _plan(op: str, layout: _launch.Layout, key: str, vec: int, device_id: int) -> _launch.LaunchPlan:
     name = _launch.kernel_name(op, layout.kind, vec)
     source = _launch.SOURCE_OF[op]
-    return _launch.plan(
-        op,
-        layout,
-        vec,
-        sm_count=_sm_count(device_id),
-        threads_per_sm=_threads_per_sm(source, key, name, device_id),
-    )
+    sm_count = _sm_count(device_id)
+    threads_per_sm = _threads_per_sm(source, key, name, device_id)
+    plan = _launch.plan(op, layout, vec, sm_count=sm_count, threads_per_sm=threads_per_sm)
+    if plan.parts > 1 and _capturing():
+        # Under graph capture nothing may outlive the call: one block per channel slice, no
+        # workspace, no counters (slower for few channels; rounds as another split would).
+        plan = _launch.plan(op, layout, vec, sm_count=sm_count, threads_per_sm=threads_per_sm,
+                            split=False)
+    return plan
 
 
 def _scalar(a: Any) -> Any:
@@ -395,7 +446,9 @@ def launch_backward_apply(
 
 def _workspace(plan: _launch.LaunchPlan, acc: Any, placeholders: tuple[Array, Array], dev: int,
                *, counts: bool) -> dict[str, Any]:
-    """A reduction's partials and counters; with one part, placeholders the kernel never touches."""
+    """A reduction's partials and counters; with one part, placeholders the kernel never touches
+    (outputs of the launch: nothing is allocated, and no counter buffer is made, which under
+    graph capture would be zeroed only in the graph)."""
     cupy = _cupy()
     if plan.parts > 1:
         ws = cupy.empty(2 * plan.workspace, dtype=acc)
@@ -404,10 +457,9 @@ def _workspace(plan: _launch.LaunchPlan, acc: Any, placeholders: tuple[Array, Ar
         if counts:
             values["ws_n"] = cupy.empty(plan.workspace, dtype=cupy.int32)
         return values
-    counters = _counters(1, dev)
-    values = {"ws_a": placeholders[0], "ws_b": placeholders[1], "counters": counters}
+    values = {"ws_a": placeholders[0], "ws_b": placeholders[1], "counters": placeholders[0]}
     if counts:
-        values["ws_n"] = counters
+        values["ws_n"] = placeholders[1]
     return values
 
 
@@ -466,6 +518,45 @@ def launch_stats_fused(
             "eps": float(eps), "keep": float(keep), "momentum": float(m), "unbias": float(unbias),
             "flags": flags}, dev)
     return mean, inv, scale, shift, new_mean, new_var
+
+
+def launch_inference(
+    x: Array, weight: Array | None, bias: Array | None, running_mean: Array | None,
+    running_var: Array | None, *, axis: int, eps: float, out: Array | None = None,
+) -> Array | None:
+    """An eval-mode forward in one launch: y = x * scale + shift with each channel's scale and
+    shift computed in the kernel from the running statistics, weight and bias
+    (xbn.functional.batch_norm_inference); or None if the kernels do not take these inputs.
+
+    The parameters and running statistics must share one dtype, float32 or float64, and the
+    generic path must compute in the kernels' accumulator dtype: float64 statistics with
+    float32 or 16-bit input (which the generic path computes in float64) are declined.
+    """
+    taken = _input(x, axis)
+    if taken is None or running_mean is None or running_var is None:
+        return None
+    layout, key, acc = taken
+    c = layout.channels
+    params = _param_vectors(x, c, weight, bias, running_mean, running_var)
+    if params is None:
+        return None
+    (weight, bias, running_mean, running_var), pdt = params
+    if pdt == _F64 and acc != _F64:
+        return None
+    with x.device:
+        dev = x.device.id
+        y = _output(out, x, x.shape, x.dtype)
+        vec = _launch.vector_width(layout, x.itemsize, (x.data.ptr, y.data.ptr))
+        plan = _plan("inference", layout, key, vec, dev)
+        flags = ((_launch.FLAG_HAS_WEIGHT if weight is not None else 0)
+                 | (_launch.FLAG_HAS_BIAS if bias is not None else 0)
+                 | (_launch.FLAG_PARAMS_F64 if pdt == _F64 else 0))
+        # Absent vectors: the flags keep the kernel off them; the running mean stands in.
+        _run("inference", key, plan, {
+            "x": x, "weight": running_mean if weight is None else weight,
+            "bias": running_mean if bias is None else bias, "running_mean": running_mean,
+            "running_var": running_var, "y": y, "eps": float(eps), "flags": flags}, dev)
+    return y
 
 
 def launch_backward_reduce_fused(
@@ -602,3 +693,22 @@ def batch_norm_backward(
         dx = launch_scale_shift(dy, k_dy, None, axis=axis)
     return dx, dgamma, dbeta
 
+
+@register_kernel("cupy", "batch_norm_inference")
+def batch_norm_inference(
+    x: Array,
+    weight: Array | None,
+    bias: Array | None,
+    running_mean: Array,
+    running_var: Array,
+    /,
+    *,
+    axis: int,
+    eps: float = 1e-5,
+    xp: ModuleType | None = None,
+    ops: Any = None,
+) -> Array:
+    """:func:`xbn.functional.batch_norm_inference` in one launch, the per-channel coefficients
+    computed inside it (the generic composition spends about ten small operations on them)."""
+    y = launch_inference(x, weight, bias, running_mean, running_var, axis=axis, eps=eps)
+    return NotImplemented if y is None else y
