@@ -12,8 +12,8 @@ float64, float16, and bfloat16 where CuPy has it) four small shapes, channel-maj
 channels-last, each once odd-sized (scalar loads, one block per channel) and once with 16-byte
 vector loads and every reduction split over blocks (partials, counters, last-block merge). On
 each shape every op of the registry runs (``xbn.backends.resolve("cupy").ops``: the four passes,
-the whole training forward and backward, the eval-mode backward), so each kernel family of
-``xbn.kernels._launch.OPS`` launches once per layout and dtype.
+the whole training forward and backward, the eval-mode forward and backward), so each kernel
+family of ``xbn.kernels._launch.OPS`` launches once per layout and dtype.
 
 Launches are recorded where xbn compiles its kernels (``cupy.RawModule``), so the script fails
 if a planned (dtype, family, layout) never ran on a kernel (a silent fallback to the generic
@@ -246,12 +246,30 @@ def exercise(
     eval_dx = ops.batch_norm_backward(dy, x, f_mean, f_inv, dev["weight"], axis=axis, batch_stats_used=False)[
         0
     ]
+    # float32 parameters: the inference kernel takes them with every input dtype (float64 ones
+    # only with float64 input), so its family runs on every shape
+    eval_params = {k: v.astype(np.float32) for k, v in dev.items()}
+    eval_y = ops.batch_norm_inference(
+        x,
+        eval_params["weight"],
+        eval_params["bias"],
+        eval_params["running_mean"],
+        eval_params["running_var"],
+        axis=axis,
+        eps=EPS,
+    )
     cupy.cuda.Device().synchronize()
 
     def host64(a: Any) -> np.ndarray:
         return cupy.asnumpy(a.astype(cupy.float64))
 
     ref = reference(xh, dyh, axis, host, host64(mean), host64(f_inv))
+    p32 = {k: v.astype(np.float32).astype(np.float64) for k, v in host.items()}
+    shape_c = [1] * xh.ndim
+    shape_c[axis % xh.ndim] = c
+    ref["eval forward y"] = (xh - p32["running_mean"].reshape(shape_c)) / np.sqrt(
+        p32["running_var"].reshape(shape_c) + EPS
+    ) * p32["weight"].reshape(shape_c) + p32["bias"].reshape(shape_c)
     got = {
         "mean": mean,
         "var": var,
@@ -270,6 +288,7 @@ def exercise(
         "backward dbeta": dbeta,
         "bare backward dx": bare_dx,
         "eval backward dx": eval_dx,
+        "eval forward y": eval_y,
     }
     failures = []
     if bare[3] is not None or bare[4] is not None:
