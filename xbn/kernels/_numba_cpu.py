@@ -6,17 +6,22 @@ cut. These loops fuse every op into one pass over x (and dy), which is what reac
 measured 1.7-5x faster than the NumPy passes on one thread, and faster than PyTorch's CPU
 kernels on every reference shape (see benchmarks/results/).
 
-The numerics are those of the NumPy passes: each row (a run of one channel's values) or each
-column of a block of rows is a partial, centred on its own rounded mean in a second pass over
-data still in cache, and the partials are merged in float64 by the caller in a fixed order.
-``reassoc`` lets LLVM vectorize the sums; their order is then fixed by the compiled code, the
-same on every call, and a partial never spans threads, so results are bitwise reproducible
-for a given thread count whatever the timing. One thread runs a serial build and more threads
-a parallel build, which LLVM may vectorize differently: between 1 and 2 threads, float32
-results can differ in the last bit (seen: 3e-5 on sums of 380). Spelling the sums out in
-fixed lanes under strict IEEE arithmetic would make them equal by construction, but LLVM then
-keeps the lane accumulators in memory and the row statistics run 3-4x slower. No
-``nnan``/``ninf``: NaN and inf propagate as in NumPy.
+The numerics are those of the NumPy passes: one partial per (block of rows, channel), summed
+in one pass about a shift that is a value of the channel there (see the reductions below),
+merged in float64 by :func:`chan_merge` in a fixed order. ``reassoc`` lets LLVM vectorize the
+sums; their order is then fixed by the compiled code, the same on every call, and a partial
+never spans threads, so results are bitwise reproducible for a given thread count whatever the
+timing. One thread runs a serial build and more threads a parallel build, which LLVM may
+vectorize differently: between 1 and 2 threads, float32 results can differ in the last bit
+(seen: 3e-5 on sums of 380). Spelling the sums out in fixed lanes under strict IEEE arithmetic
+would make them equal by construction, but LLVM then keeps the lane accumulators in memory and
+the row statistics run 3-4x slower. No ``nnan``/``ninf``: NaN and inf propagate as in NumPy.
+
+Threads: numba's work-queue threading layer (the one a pip install falls back to without TBB
+or an OpenMP runtime, and the one to use next to torch) aborts the process when two threads
+enter a parallel region at once. Parallel calls therefore take a process-wide lock until numba
+reports a thread-safe layer (``omp``, ``tbb``); one-thread calls run the serial builds, which
+involve no threading layer and never wait.
 
 :mod:`xbn.kernels.numpy` imports this module on first use; without numba it still imports
 (so that doctest collection and introspection work) with ``AVAILABLE = False``, and the NumPy
@@ -48,7 +53,12 @@ class _Loop:
     (prange as range). One-thread calls take the serial one: no threading layer involved, which
     is both faster on small inputs and free of the layers' side effects (numba's OpenMP layer
     changes the OpenMP thread count that torch reads; its work-queue layer wakes its workers
-    even for one thread)."""
+    even for one thread).
+
+    Parallel calls hold ``_PARALLEL_LOCK`` unless the threading layer is known to be thread-safe:
+    numba's work-queue layer aborts the whole process (SIGABRT, not an exception) when two
+    threads enter a parallel region at once, and it is the layer a pip install without TBB or
+    a libgomp falls back to (and the one to use next to torch)."""
 
     def __init__(self, fn: Callable[..., Any]):
         self.py = fn
@@ -64,104 +74,50 @@ class _Loop:
             self.serial = nb.njit(fastmath=_FAST, cache=True, nogil=True)(twin)
 
     def __call__(self, *args: Any) -> Any:
-        return (self.parallel if _state().threads > 1 else self.serial)(*args)
+        if _state().threads <= 1:
+            return self.serial(*args)
+        if _layer_threadsafe:
+            return self.parallel(*args)
+        with _PARALLEL_LOCK:  # nogil loops: waiting threads release the GIL meanwhile
+            return self.parallel(*args)
 
 
 def _jit(fn: Callable[..., Any]) -> _Loop:
     return _Loop(fn)
 
 
-# -- rows: R is (outer * C, L), row r holds L values of channel r % C ---------------------------
+# -- elementwise, rows: R is (outer * C, L), row r holds L values of channel r % C; blocks of
+# `rb` rows --------------------------------------------------------------------------------
 
 
 @_jit
-def rows_stats(R, ctr, d, q):  # pragma: no cover - compiled
+def rows_affine(R, a, b, C, rb, Y):  # pragma: no cover - compiled
     n, L = R.shape
-    inv_l = 1.0 / L
-    for r in prange(n):
-        row = R[r]
-        s = row.dtype.type(0)
-        for j in range(L):
-            s += row[j]
-        c0 = row.dtype.type(s * inv_l)
-        sd = row.dtype.type(0)
-        sq = row.dtype.type(0)
-        for j in range(L):
-            v = row[j] - c0
-            sd += v
-            sq += v * v
-        ctr[r] = c0
-        d[r] = sd
-        q[r] = sq
+    for bi in prange((n + rb - 1) // rb):
+        for r in range(bi * rb, min(n, bi * rb + rb)):
+            ar = a[r % C]
+            br = b[r % C]
+            for j in range(L):
+                Y[r, j] = R[r, j] * ar + br
 
 
 @_jit
-def rows_affine(R, a, b, C, Y):  # pragma: no cover - compiled
-    n, L = R.shape
-    for r in prange(n):
-        ar = a[r % C]
-        br = b[r % C]
-        for j in range(L):
-            Y[r, j] = R[r, j] * ar + br
-
-
-@_jit
-def rows_backward_reduce(X, D, mean, C, sdy, sdx):  # pragma: no cover - compiled
+def rows_backward_apply(X, D, mean, k_dy, k_xmu, k_const, C, rb, DX):  # pragma: no cover - compiled
     n, L = X.shape
-    for r in prange(n):
-        m = mean[r % C]
-        a = X.dtype.type(0)
-        b = X.dtype.type(0)
-        for j in range(L):
-            g = D[r, j]
-            a += g
-            b += g * (X[r, j] - m)
-        sdy[r] = a
-        sdx[r] = b
+    for bi in prange((n + rb - 1) // rb):
+        for r in range(bi * rb, min(n, bi * rb + rb)):
+            c = r % C
+            m = mean[c]
+            a = k_dy[c]
+            b = k_xmu[c]
+            k = k_const[c]
+            for j in range(L):
+                DX[r, j] = D[r, j] * a + (X[r, j] - m) * b + k
 
 
-@_jit
-def rows_backward_apply(X, D, mean, k_dy, k_xmu, k_const, C, DX):  # pragma: no cover - compiled
-    n, L = X.shape
-    for r in prange(n):
-        c = r % C
-        m = mean[c]
-        a = k_dy[c]
-        b = k_xmu[c]
-        k = k_const[c]
-        for j in range(L):
-            DX[r, j] = D[r, j] * a + (X[r, j] - m) * b + k
-
-
-# -- cols: X is (rows, W), column j has per-column coefficients; blocks of `blk` rows ---------
-
-
-@_jit
-def cols_stats(X, blk, ctr, d, q):  # pragma: no cover - compiled
-    M, W = X.shape
-    nblocks = ctr.shape[0]
-    for bi in prange(nblocks):
-        r0 = bi * blk
-        r1 = min(M, r0 + blk)
-        s = np.zeros(W, X.dtype)
-        for i in range(r0, r1):
-            for j in range(W):
-                s[j] += X[i, j]
-        c0 = np.empty(W, X.dtype)
-        inv_n = 1.0 / (r1 - r0)
-        for j in range(W):
-            c0[j] = s[j] * inv_n
-        sd = np.zeros(W, X.dtype)
-        sq = np.zeros(W, X.dtype)
-        for i in range(r0, r1):
-            for j in range(W):
-                v = X[i, j] - c0[j]
-                sd[j] += v
-                sq[j] += v * v
-        for j in range(W):
-            ctr[bi, j] = c0[j]
-            d[bi, j] = sd[j]
-            q[bi, j] = sq[j]
+# -- elementwise, cols: X is (rows, W), column j has per-column coefficients; blocks of `blk`
+# whole rows (strips of a wide W measured 1.4-1.6x slower than whole rows of 200000 columns:
+# long streams prefetch best, and the coefficients come from L3 fast enough) ---------------
 
 
 @_jit
@@ -175,23 +131,6 @@ def cols_affine(X, a, b, blk, Y):  # pragma: no cover - compiled
 
 
 @_jit
-def cols_backward_reduce(X, D, mean, blk, sdy, sdx):  # pragma: no cover - compiled
-    M, W = X.shape
-    nblocks = sdy.shape[0]
-    for bi in prange(nblocks):
-        a = np.zeros(W, X.dtype)
-        b = np.zeros(W, X.dtype)
-        for i in range(bi * blk, min(M, bi * blk + blk)):
-            for j in range(W):
-                g = D[i, j]
-                a[j] += g
-                b[j] += g * (X[i, j] - mean[j])
-        for j in range(W):
-            sdy[bi, j] = a[j]
-            sdx[bi, j] = b[j]
-
-
-@_jit
 def cols_backward_apply(X, D, mean, k_dy, k_xmu, k_const, blk, DX):  # pragma: no cover - compiled
     M, W = X.shape
     nblocks = (M + blk - 1) // blk
@@ -201,12 +140,185 @@ def cols_backward_apply(X, D, mean, k_dy, k_xmu, k_const, blk, DX):  # pragma: n
                 DX[i, j] = D[i, j] * k_dy[j] + (X[i, j] - mean[j]) * k_xmu[j] + k_const[j]
 
 
+# -- reductions: partials per (block of outer rows, channel) ----------------------------------
+# X is the (outer, C, L) view (rows_*) or the (outer, C*L) view (cols_*, short L). A task is
+# a block of `nb` outer rows times a strip of `cs` channels, and it writes one partial per
+# (block, channel) into row b of the (blocks, C) outputs: the caller sizes the blocks so that
+# these stay a small fraction of x (never one per row of a tall input).
+#
+# Statistics are one pass about a shift s, the median of three of the block's values of the
+# channel (its first, one in the middle, its last): d = sum(v - s), q = sum((v - s)^2). The
+# merge takes q - d^2 / n in float64, which loses (mean - s)^2 / var of float32's digits
+# relative to centred sums; a median of the channel's own values is within about one
+# standard deviation of the mean (|median - mean| <= std for any distribution), where a
+# plain first value could be an outlier. A constant channel has v - s == 0 exactly for
+# every v, whatever the summation order, so its partial is (s, 0, 0) bit for bit.
+
+
+@(nb.njit(inline="always", cache=True) if nb is not None else (lambda f: f))
+def _median3(a, b, c):  # pragma: no cover - compiled
+    return max(min(a, b), min(max(a, b), c))
+
+
+@_jit
+def rows_stats(X, nb, cs, ctr, d, q):  # pragma: no cover - compiled
+    outer, C, L = X.shape
+    nblocks = ctr.shape[0]
+    nstrips = (C + cs - 1) // cs
+    zero = X.dtype.type(0)
+    for t in prange(nblocks * nstrips):
+        b = t // nstrips
+        c0 = (t - b * nstrips) * cs
+        n0 = b * nb
+        n1 = min(outer, n0 + nb)
+        for c in range(c0, min(C, c0 + cs)):
+            s = _median3(X[n0, c, 0], X[(n0 + n1 - 1) // 2, c, L // 2], X[n1 - 1, c, L - 1])
+            sd = 0.0
+            sq = 0.0
+            for n in range(n0, n1):
+                row = X[n, c]
+                a = zero
+                e = zero
+                for j in range(L):
+                    v = row[j] - s
+                    a += v
+                    e += v * v
+                sd += a
+                sq += e
+            ctr[b, c] = s
+            d[b, c] = sd
+            q[b, c] = sq
+
+
+@_jit
+def cols_stats(X, inner, nb, cs, ctr, d, q):  # pragma: no cover - compiled
+    M, W = X.shape
+    C = W // inner
+    nblocks = ctr.shape[0]
+    nstrips = (C + cs - 1) // cs
+    for t in prange(nblocks * nstrips):
+        b = t // nstrips
+        c0 = (t - b * nstrips) * cs
+        c1 = min(C, c0 + cs)
+        j0 = c0 * inner
+        w = (c1 - c0) * inner
+        r0 = b * nb
+        r1 = min(M, r0 + nb)
+        sh = np.empty(w, X.dtype)
+        for k in range(c1 - c0):
+            col = j0 + k * inner
+            s = _median3(X[r0, col], X[(r0 + r1 - 1) // 2, col + inner // 2], X[r1 - 1, col + inner - 1])
+            for jj in range(k * inner, (k + 1) * inner):
+                sh[jj] = s
+        # float64 running sums: a column runs down up to 4096 rows, and a float32 running sum
+        # that long loses digits that the merge's q - d^2/n would then amplify (measured: 1e-5
+        # relative error of the variance of a bimodal channel, against 1e-7 this way, for
+        # 4-7% more time)
+        sd = np.zeros(w)
+        sq = np.zeros(w)
+        if nstrips == 1:  # whole rows, indexed directly: a row view per row costs 25% at 16 columns
+            for i in range(r0, r1):
+                for jj in range(W):
+                    v = X[i, jj] - sh[jj]
+                    sd[jj] += v
+                    sq[jj] += v * v
+        else:
+            for i in range(r0, r1):
+                row = X[i, j0:j0 + w]
+                for jj in range(w):
+                    v = row[jj] - sh[jj]
+                    sd[jj] += v
+                    sq[jj] += v * v
+        for k in range(c1 - c0):
+            a = 0.0
+            e = 0.0
+            for jj in range(k * inner, (k + 1) * inner):
+                a += sd[jj]
+                e += sq[jj]
+            ctr[b, c0 + k] = sh[k * inner]
+            d[b, c0 + k] = a
+            q[b, c0 + k] = e
+
+
+@_jit
+def rows_backward_reduce(X, D, mean, nb, cs, sdy, sdx):  # pragma: no cover - compiled
+    outer, C, L = X.shape
+    nblocks = sdy.shape[0]
+    nstrips = (C + cs - 1) // cs
+    zero = X.dtype.type(0)
+    for t in prange(nblocks * nstrips):
+        b = t // nstrips
+        c0 = (t - b * nstrips) * cs
+        n0 = b * nb
+        n1 = min(outer, n0 + nb)
+        for c in range(c0, min(C, c0 + cs)):
+            m = mean[c]
+            sa = 0.0
+            sb = 0.0
+            for n in range(n0, n1):
+                x = X[n, c]
+                g = D[n, c]
+                a = zero
+                e = zero
+                for j in range(L):
+                    a += g[j]
+                    e += g[j] * (x[j] - m)
+                sa += a
+                sb += e
+            sdy[b, c] = sa
+            sdx[b, c] = sb
+
+
+@_jit
+def cols_backward_reduce(X, D, mean, inner, nb, cs, sdy, sdx):  # pragma: no cover - compiled
+    M, W = X.shape
+    C = W // inner
+    nblocks = sdy.shape[0]
+    nstrips = (C + cs - 1) // cs
+    for t in prange(nblocks * nstrips):
+        b = t // nstrips
+        c0 = (t - b * nstrips) * cs
+        c1 = min(C, c0 + cs)
+        j0 = c0 * inner
+        w = (c1 - c0) * inner
+        r0 = b * nb
+        r1 = min(M, r0 + nb)
+        mu = np.empty(w, X.dtype)
+        for jj in range(w):
+            mu[jj] = mean[c0 + jj // inner]
+        a = np.zeros(w, X.dtype)
+        e = np.zeros(w, X.dtype)
+        if nstrips == 1:
+            for i in range(r0, r1):
+                for jj in range(W):
+                    a[jj] += D[i, jj]
+                    e[jj] += D[i, jj] * (X[i, jj] - mu[jj])
+        else:
+            for i in range(r0, r1):
+                x = X[i, j0:j0 + w]
+                g = D[i, j0:j0 + w]
+                for jj in range(w):
+                    a[jj] += g[jj]
+                    e[jj] += g[jj] * (x[jj] - mu[jj])
+        for k in range(c1 - c0):
+            ta = 0.0
+            te = 0.0
+            for jj in range(k * inner, (k + 1) * inner):
+                ta += a[jj]
+                te += e[jj]
+            sdy[b, c0 + k] = ta
+            sdx[b, c0 + k] = te
+
+
 @(nb.njit(cache=True, nogil=True) if nb is not None else (lambda f: f))
 def chan_merge(ctr, d, q, n, count, mean, var):  # pragma: no cover - compiled
     """The float64 merge of xbn.kernels.numpy._chan_merge, one sequential loop per channel
-    (a fixed order); n is (P, 1) or (P, C) partial counts, 0 where a channel is absent."""
+    (a fixed order); n is (P, 1) or (P, C) partial counts, 0 where a channel is absent.
+    Returns whether every mean and variance is finite (else the caller recomputes those
+    channels the plain way)."""
     P, C = ctr.shape
     wide = n.shape[1] > 1
+    finite = True
     for c in range(C):
         ref = 0.0
         found = False
@@ -228,10 +340,20 @@ def chan_merge(ctr, d, q, n, count, mean, var):  # pragma: no cover - compiled
             sq += q[p, c] - d[p, c] * dn
         ubar = s1 / count
         mean[c] = ref + ubar
-        var[c] = max(sq + s2 - count * ubar * ubar, 0.0) / count
+        m2 = sq + s2 - count * ubar * ubar
+        if m2 < 0.0:  # rounding only; NaN (from inf or NaN input) is kept
+            m2 = 0.0
+        var[c] = m2 / count
+        finite = finite and np.isfinite(mean[c]) and np.isfinite(var[c])
+    return finite
 
 
 _local = threading.local()
+_PARALLEL_LOCK = threading.Lock()
+# numba names its threading layer only once the first parallel region is set up (in
+# set_threads below); until then, and for the work queue, parallel calls take the lock.
+_layer_threadsafe = False
+_THREADSAFE_LAYERS = ("omp", "tbb")
 
 
 def _state() -> Any:
@@ -241,14 +363,26 @@ def _state() -> Any:
     return _local
 
 
+def threading_layer() -> str | None:
+    """numba's threading layer once a parallel loop has been set up, else None."""
+    try:
+        return str(nb.threading_layer())
+    except ValueError:
+        return None
+
+
 def set_threads(n: int, chunk: int) -> None:
     """Run this thread's next loops on ``n`` threads (at most numba's pool; 1 = the serial
     build), handing out ``chunk`` iterations at a time: dynamic scheduling, so that a core busy
     with another process delays one chunk rather than half the work. Which thread runs an
-    iteration never changes its result."""
+    iteration never changes its result. numba's settings are per calling thread, so threads
+    that use xbn at the same time do not change each other's."""
+    global _layer_threadsafe
     st = _state()
     st.threads = max(1, min(n, nb.config.NUMBA_NUM_THREADS))
     if st.threads > 1 and st.applied != (st.threads, chunk):  # numba's setters cost ~10 us
-        nb.set_num_threads(st.threads)
+        nb.set_num_threads(st.threads)  # starts the threading layer on first use
         nb.set_parallel_chunksize(max(1, chunk))
         st.applied = (st.threads, chunk)
+        if not _layer_threadsafe:
+            _layer_threadsafe = threading_layer() in _THREADSAFE_LAYERS

@@ -15,11 +15,23 @@ through DRAM instead. Two engines do better, chosen once per process (:func:`set
   GIL. Still 2-5x above the floor: each in-cache NumPy pass costs about what a DRAM pass does.
 
 Numerics match :mod:`xbn.functional`: statistics in float64 for float64 input and in float32
-otherwise; the variance from centred squares (each partial, a row or a chunk's column, is
-centred on its own rounded mean, then the partials are merged with Chan's formula in float64);
-``(x - mean)`` never folded into a constant in the backward. Results are bitwise reproducible:
-partials are fixed by the shape alone, each lands in its own slot, and slots are merged in
-index order, so neither thread timing nor the thread count changes a bit.
+otherwise; each partial (a row, or a channel's columns in a block of rows) summed about a shift
+that is one of its own values (so a constant channel is exact: mean its value, variance 0),
+then the partials merged with Chan's formula in float64; channels holding inf or NaN get
+torch's values (the plain mean, a NaN variance), without NumPy warnings; ``(x - mean)`` never
+expanded in the backward. Results are bitwise reproducible: partials are fixed by the shape
+alone, each lands in its own slot, and slots are merged in index order, so neither thread
+timing nor the thread count changes a bit.
+
+Memory: beyond the arrays an op returns, O(C) plus a workspace bounded by the larger of a
+small share of x and a few hundred KiB per thread. Reductions keep one partial per (block of
+rows, channel), the blocks sized by :func:`_partial_budget` (a wide input gets one block of
+rows, its channels split among the tasks instead).
+
+Threads: any number of threads may call the ops at once, on either engine. The NumPy passes
+share one pool (each caller waits for its own tasks only); the compiled loops serialize their
+parallel regions on numba's work-queue threading layer, which is not thread-safe (see
+:mod:`xbn.kernels._numba_cpu`).
 
 Layouts: any array whose axes can be permuted into a C-contiguous one (NCHW, channels-last,
 torch's channels_last strides, a channel axis in the middle, Fortran order); outputs keep the
@@ -140,54 +152,67 @@ def _compiled() -> Any:
 
 
 def _get_pool(workers: int) -> ThreadPoolExecutor:
+    """The pool, grown to ``workers`` if smaller; call with ``_pool_lock`` held."""
     global _pool
-    with _pool_lock:
-        if _pool is None or _pool._max_workers < workers:  # type: ignore[attr-defined]
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xbn-numpy")
-        return _pool
+    if _pool is None or _pool._max_workers < workers:
+        if _pool is not None:
+            _pool.shutdown(wait=False)  # its queued work still runs; nothing new goes there
+        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xbn-numpy")
+    return _pool
 
 
-def _run_tasks(g: "_Geom", nbytes: int, scratch: Callable[[], Any], task: Callable[[int, Any], None]) -> None:
-    """Run ``task(i, s)`` for i in range(n_tasks), each thread with its own scratch ``s``.
+def _run_tasks(plan: _Plan, nbytes: int, scratch: Callable[[], Any], task: Callable[[int, Any], None],
+               bufsize: bool = False) -> None:
+    """Run ``task(i, s)`` for i in range(plan.n_tasks), each thread with its own scratch ``s``.
 
     Tasks are handed out dynamically (a core that another process is using should not hold the
     others up), which keeps results reproducible because a task's result depends only on ``i``.
+    Several threads may call this at once: they share the pool, each waits only for its own
+    tasks, and a pool task that has not started when its caller has finished is cancelled.
     """
-    n_tasks = g.n_tasks
+    n_tasks = plan.n_tasks
     # per-row broadcasts are the ones the bufsize matters for (see _BUFSIZE)
-    bufsize = g.rows and _SCOPED_BUFSIZE
+    bufsize = bufsize and _SCOPED_BUFSIZE
     if n_tasks == 1 and not bufsize:
         task(0, scratch())  # small inputs: every microsecond of set-up shows
         return
     threads = min(_num_threads, n_tasks) if nbytes >= _PARALLEL_MIN_BYTES else 1
     counter = itertools.count()
+    failed: list[bool] = []
 
     def work() -> None:
         s = scratch()
-        while True:
+        while not failed:
             i = next(counter)  # atomic under the GIL
             if i >= n_tasks:
                 return
-            task(i, s)
+            try:
+                task(i, s)
+            except BaseException:
+                failed.append(True)  # the others stop taking tasks
+                raise
 
     def worker() -> None:
-        if not bufsize:
-            return work()
-        with np.errstate():  # scopes the bufsize to this call
-            np.setbufsize(_BUFSIZE)
+        # errstate (and the bufsize, which it scopes) is per thread: set it in each worker
+        with np.errstate(all="ignore"):
+            if bufsize:
+                np.setbufsize(_BUFSIZE)
             work()
 
     if threads <= 1:
         worker()
         return
-    futures = [_get_pool(threads - 1).submit(worker) for _ in range(threads - 1)]
+    # Submitted under the lock: another caller that grows the pool, or set_num_threads, shuts
+    # the old pool down, and a submit to a pool already shut down raises.
+    with _pool_lock:
+        pool = _get_pool(threads - 1)
+        futures = [pool.submit(worker) for _ in range(threads - 1)]
     try:
         worker()
     finally:
         for f in futures:
-            f.result()
+            if not f.cancel():  # started: wait for it (and see its error)
+                f.result()
 
 
 # -- geometry -------------------------------------------------------------------------------
@@ -198,22 +223,111 @@ def _divisor(n: int, lo: int, hi: int) -> int | None:
     return next((d for d in range(max(1, lo), min(n, hi) + 1) if n % d == 0), None)
 
 
+def _partial_budget(nbytes: int) -> int:
+    """Bytes the per-(block, channel) partials of a reduction may take: a small share of the
+    input (the merge and its temporaries included), so that the blocks, not the rows or the
+    threads, decide how many partials there are. A channel needs at least one partial, so
+    wide inputs get one block of rows: O(C) whatever the batch."""
+    return max(nbytes // 32, _PARTIAL_MIN_BYTES)
+
+
+# Smallest budget above: enough for a few thousand partials, so that small and medium inputs
+# keep short blocks (more tasks for the threads, shorter float32 sums down a column).
+_PARTIAL_MIN_BYTES = 512 * 1024
+# Bytes a (partial, channel) costs at the peak of the NumPy passes' merge: three float64
+# partial arrays and the merge's temporaries.
+_PARTIAL_BYTES = 64
+# ... and in the compiled route: three float64 arrays, merged in a compiled loop.
+_NB_PARTIAL_BYTES = 32
+# Folding rows (cols layout) puts every channel in every block, so each block has C partials:
+# only worth it while C partials are few next to a block's values.
+_FOLD_MAX_C = 128
+# Longest strip of columns a compiled task keeps per-column sums for (three arrays of it).
+_NB_STRIP_MAX = 16384
+
+
+class _Plan:
+    """Blocks of ``rpc`` rows x ``cpc`` columns over an (nrows, ncols) matrix; task i is block
+    (i // n_cb, i % n_cb)."""
+
+    __slots__ = ("nrows", "ncols", "rpc", "cpc", "n_rb", "n_cb", "n_tasks")
+
+    def __init__(self, nrows: int, ncols: int, rpc: int, cpc: int):
+        self.nrows, self.ncols = nrows, ncols
+        self.rpc, self.cpc = max(1, min(nrows, rpc)), max(1, min(ncols, cpc))
+        self.n_rb = -(-nrows // self.rpc)
+        self.n_cb = -(-ncols // self.cpc)
+        self.n_tasks = self.n_rb * self.n_cb
+
+    def block(self, i: int) -> tuple[slice, slice]:
+        rb, cb = divmod(i, self.n_cb)
+        return (slice(rb * self.rpc, min(self.nrows, (rb + 1) * self.rpc)),
+                slice(cb * self.cpc, min(self.ncols, (cb + 1) * self.cpc)))
+
+    def rows_of(self, rb: int) -> int:
+        return min(self.nrows, (rb + 1) * self.rpc) - rb * self.rpc
+
+
+class _NbPlan:
+    """The compiled reductions' walk: blocks of ``nb`` outer rows times strips of ``cs``
+    channels, one partial per (block, channel).
+
+    ``rows`` (spatial extent >= _NB_ROW_MIN): the (outer, C*k, L) view, each (sample, channel)
+    run of ``inner`` values split into k sub-rows of L when it is longer than a chunk (each
+    sub-row a partial of its own); ``cols``: the (outer, C*inner) view, per-column sums down
+    the block (at most 4096 rows), then per channel. ``counts``: values per partial,
+    (nblocks * k, 1). Blocks have at least ``nb_min`` rows, so that the partials stay within
+    :func:`_partial_budget`.
+    """
+
+    __slots__ = ("rows", "k", "L", "Ck", "nb", "cs", "nblocks", "counts")
+
+    def __init__(self, outer: int, C: int, inner: int, itemsize: int):
+        chunk = max(1, _CHUNK_BYTES // itemsize)
+        budget = _partial_budget(outer * C * inner * itemsize)
+        self.rows = inner >= _NB_ROW_MIN
+        k = 1
+        if self.rows and inner > chunk:
+            k = _divisor(inner, -(-inner // chunk), inner // 1024) or 1
+        self.k, self.L, self.Ck = k, inner // k if self.rows else inner, C * k
+        nb_min = -(-outer // max(1, budget // (_NB_PARTIAL_BYTES * self.Ck)))
+        # Wide strips: per block of rows, long contiguous runs (measured: a strip of all 256
+        # channels of 14x14 ran 1.2-2.5x faster than one channel at a time, and whole rows of
+        # (4096, 1024) 1.5-2x faster than strips of 128-256 columns). Each block is read
+        # once, so its size is not held to L2.
+        if self.rows:
+            cs = min(self.Ck, max(1, (4 * chunk) // self.L))
+            cs = -(-self.Ck // -(-self.Ck // cs))  # even strips
+            nb = max(nb_min, chunk // (cs * self.L))
+        else:
+            cs = min(C, max(1, _NB_STRIP_MAX // inner))
+            cs = -(-C // -(-C // cs))
+            nb = max(nb_min, min(4096, chunk // (cs * inner)))
+        self.cs, self.nb = cs, min(outer, nb)
+        self.nblocks = -(-outer // self.nb)
+        rows = np.minimum(self.nb, outer - self.nb * np.arange(self.nblocks)).astype(np.float64)
+        self.counts = np.repeat(rows * self.L, k)[:, None]
+
+
 class _Geom:
-    """How an array is walked: a 2-D matrix view of its memory, and the chunks over it.
+    """How an array is walked: a 2-D matrix view of its memory, and the blocks over it.
 
     ``rows`` layout, for long contiguous runs per channel (NCHW with large images): the matrix
     is (outer*C*k, L), each row L values of one channel (k equal sub-rows per (n, c) pair);
-    a chunk is a range of whole rows.
+    a block is a range of whole rows, and each row is a partial of the reductions.
     ``cols`` layout, for everything else (channels-last, (N, C), small images): the matrix is
     (outer/t, t*C*inner), t consecutive outer rows folded into one matrix row; column j
-    belongs to channel (j mod C*inner) // inner; a chunk is a block of rows times columns.
+    belongs to channel (j mod C*inner) // inner. Blocks are whole ``unit``s of columns: a
+    channel's ``inner`` columns (t = 1), or whole folded rows (t > 1). The elementwise passes
+    walk ``map`` blocks; the reductions ``red`` blocks, tall enough that their partials (one
+    per block and channel, or per block with t > 1) stay within :func:`_partial_budget`.
 
     Row partials (rows layout) reshape to ``part_shape`` = (outer, C, k).
     """
 
     __slots__ = ("order", "shape", "outer", "C", "inner", "rows", "k", "t", "L", "nrows", "ncols",
-                 "rpc", "cpc", "n_rb", "n_cb", "n_tasks", "part_shape", "_ones",
-                 "_channel", "_blocks")
+                 "unit", "map", "red", "part_shape", "red_counts", "spread_all", "_ones", "_channel", "_cols",
+                 "_nb")
 
     def __init__(self, shape: tuple[int, ...], axis: int, order: tuple[int, ...], itemsize: int):
         self.order = order
@@ -223,6 +337,9 @@ class _Geom:
         self.inner = math.prod(shape[axis + 1:])
         chunk = max(1, _CHUNK_BYTES // itemsize)
         self.rows = self.inner >= _ROW_MIN
+        self.red_counts: np.ndarray | None = None
+        nbytes = math.prod(shape) * itemsize
+        self.spread_all = True
         if self.rows:
             k = 1
             if self.inner > _ROW_MAX:
@@ -230,29 +347,89 @@ class _Geom:
                 k = _divisor(self.inner, -(-self.inner // _ROW_MAX), self.inner // _ROW_MIN) or 1
             self.k, self.t, self.L = k, 1, self.inner // k
             self.nrows, self.ncols = self.outer * self.C * k, self.L
-            self.rpc, self.cpc = max(1, chunk // self.L), self.L
+            self.unit = self.L
+            self.map = self.red = _Plan(self.nrows, self.ncols, chunk // self.L, self.L)
             self.part_shape = (self.outer, self.C, k)
         else:
             width = self.C * self.inner
             t = 1
-            if width < _COL_MIN:
+            if width < _COL_MIN and self.C <= _FOLD_MAX_C:
                 t = _divisor(self.outer, -(-_COL_MIN // width), _COL_MAX // width) or 1
             self.k, self.t, self.L = 1, t, self.inner
             self.nrows, self.ncols = self.outer // t, t * width
-            # at least 16 rows a chunk: BLAS column sums over fewer rows are mostly overhead
-            self.cpc = min(self.ncols, max(1, chunk // 16))
-            # at most 1024 rows, so that float32 column sums down a chunk stay short
-            self.rpc = min(1024, max(1, chunk // self.cpc))
-        self.n_rb = -(-self.nrows // self.rpc)
-        self.n_cb = -(-self.ncols // self.cpc)
-        self.n_tasks = self.n_rb * self.n_cb
+            self.unit = width if t > 1 else self.inner
+            # a per-column copy of a coefficient (and its channel index), 12 bytes a column
+            self.spread_all = 12 * self.ncols <= _partial_budget(nbytes)
+            self.part_shape = (self.outer, self.C, 1)
+            # at least 16 rows a block: BLAS column sums over fewer rows are mostly overhead;
+            # at most 1024, so that float32 column sums down a block stay short
+            cpc = self._whole_units(chunk // 16)
+            self.map = _Plan(self.nrows, self.ncols, min(1024, chunk // cpc), cpc)
+            if t > 1:
+                self.red = self.map  # a partial per block, for every channel
+                m = np.array([(self.map.block(i)[1].stop - self.map.block(i)[1].start) // width
+                              for i in range(self.map.n_cb)], dtype=np.float64)
+                rows = np.array([self.map.rows_of(rb) for rb in range(self.map.n_rb)], dtype=np.float64)
+                self.red_counts = (rows[:, None] * m[None, :] * self.inner).reshape(-1, 1)
+            else:
+                blocks = max(1, _partial_budget(nbytes) // (_PARTIAL_BYTES * self.C))
+                rpc_min = -(-self.nrows // blocks)
+                cpc = self._whole_units(chunk // max(16, rpc_min))
+                self.red = _Plan(self.nrows, self.ncols, max(rpc_min, min(1024, chunk // cpc)), cpc)
+                rows = np.array([self.red.rows_of(rb) for rb in range(self.red.n_rb)], dtype=np.float64)
+                self.red_counts = (rows * self.inner)[:, None]
         self._ones: dict[np.dtype, np.ndarray] = {}
-        self._channel: np.ndarray | None = None  # channel of each matrix row or column
-        self._blocks: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._channel: np.ndarray | None = None  # channel of each matrix row (rows layout)
+        self._cols: dict[int, np.ndarray] = {}  # see _local_channels
+        self._nb: _NbPlan | None = None
 
-    # -- the compiled loops' walk: one row per (outer, channel) pair when rows are long enough
-    # to vectorize, else (outer, C*inner) columns in blocks of rows; no folding or splitting,
-    # which only the NumPy passes need against their per-call overhead.
+    def _whole_units(self, n: int) -> int:
+        """``n`` columns rounded down to whole units (at least one), at most every column."""
+        return min(self.ncols, max(self.unit, n // self.unit * self.unit))
+
+    def slot(self, i: int) -> tuple[int, int, int]:
+        """Where reduction task i (cols layout) puts its partials: (partial row, first channel,
+        channels)."""
+        cs = self.red.block(i)[1]
+        if self.t > 1:
+            return i, 0, self.C
+        return i // self.red.n_cb, cs.start // self.inner, (cs.stop - cs.start) // self.inner
+
+    def _local_channels(self, w: int) -> np.ndarray:
+        """Channel of each column of a cols-layout block w columns wide, counted from the
+        block's first channel (blocks start on a channel, or a folded row, boundary)."""
+        idx = self._cols.get(w)
+        if idx is None:
+            idx = (np.arange(w, dtype=np.intp) % (self.C * self.inner)) // self.inner
+            if len(self._cols) >= 8:
+                self._cols.clear()
+            self._cols[w] = idx
+        return idx
+
+    def spread(self, v: np.ndarray, cs: slice) -> np.ndarray:
+        """Values of the channels of block columns ``cs``, one per column."""
+        if self.t == 1 and self.inner == 1:
+            return v
+        return v.take(self._local_channels(cs.stop - cs.start))
+
+    def per_channel(self, cols: np.ndarray, cs: slice, nch: int) -> np.ndarray:
+        """Column sums of block columns ``cs`` as float64 sums per channel, in a fixed order."""
+        if self.t == 1 and self.inner == 1:
+            return cols.astype(np.float64)
+        return np.bincount(self._local_channels(cs.stop - cs.start), weights=cols, minlength=nch)
+
+    def view3(self, a: np.ndarray) -> np.ndarray:
+        """``a`` as its C-contiguous (outer, C, inner) view."""
+        return (a.transpose(self.order) if self.order else a).reshape(self.outer, self.C, self.inner)
+
+    # -- the compiled loops: reductions by (block of rows, strip of channels) (see _NbPlan);
+    # elementwise passes one row per (outer, channel) pair when rows are long enough to
+    # vectorize, else (outer, C*inner) rows in blocks.
+
+    def nb_plan(self, itemsize: int) -> _NbPlan:
+        if self._nb is None:
+            self._nb = _NbPlan(self.outer, self.C, self.inner, itemsize)
+        return self._nb
 
     def nb_rows(self) -> bool:
         return self.inner >= _NB_ROW_MIN
@@ -263,62 +440,59 @@ class _Geom:
             return v.reshape(self.outer * self.C, self.inner)
         return v.reshape(self.outer, self.C * self.inner)
 
-    def nb_block(self) -> tuple[int, int]:
-        """(rows a block, blocks) of the column walk, fixed by the shape alone: about 256 KiB
-        a block, in L2 for the second pass, and few enough blocks that merging one partial per
-        (block, column) costs little next to the pass itself."""
-        width = self.C * self.inner
-        blk = max(1, min(4096, _CHUNK_BYTES // (4 * width)))
-        return blk, -(-self.outer // blk)
+    def nb_block(self) -> int:
+        """Rows of a block of the elementwise passes: about 256 KiB, whole rows at least."""
+        if self.nb_rows():
+            return max(1, (_CHUNK_BYTES // 4) // self.inner)
+        return max(1, min(4096, _CHUNK_BYTES // (4 * self.C * self.inner)))
 
     def nb_cols(self, v: Any, dt: np.dtype) -> np.ndarray:
         v = np.ascontiguousarray(v, dtype=dt)
         return v if self.inner == 1 else np.repeat(v, self.inner)
 
-    def block(self, i: int) -> tuple[slice, slice]:
-        rb, cb = divmod(i, self.n_cb)
-        return (slice(rb * self.rpc, min(self.nrows, (rb + 1) * self.rpc)),
-                slice(cb * self.cpc, min(self.ncols, (cb + 1) * self.cpc)))
-
     def matrix(self, a: np.ndarray) -> np.ndarray:
         """``a`` (laid out like the analysed array) as the 2-D matrix, without a copy."""
         return (a.transpose(self.order) if self.order else a).reshape(self.nrows, self.ncols)
 
-    def coef(self, v: Any, dt: np.dtype) -> np.ndarray | None:
-        """A per-channel vector laid out to broadcast against the matrix (None stays None)."""
+    def coef(self, v: Any, dt: np.dtype) -> Callable[[slice, slice], np.ndarray] | None:
+        """A per-channel vector as a function of a block: the slice of it that broadcasts
+        against the block's (rows, columns). None stays None. A copy per column is made once per
+        call only when it is small next to x (``spread_all``); otherwise each block of a wide
+        cols layout repeats its own channels' values."""
         if v is None:
             return None
         v = np.asarray(v, dtype=dt)
-        if not self.rows and self.t == 1 and self.inner == 1:
-            return v[None, :]
-        if self._channel is None:
-            shape = self.part_shape if self.rows else (self.t, self.C, self.inner)
-            c = np.broadcast_to(np.arange(self.C, dtype=np.intp)[None, :, None], shape).reshape(-1)
-            self._channel = c
-        spread = v.take(self._channel)
-        return spread[:, None] if self.rows else spread[None, :]
-
-    def column_channels(self, cb: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For column block ``cb`` (cols layout): each column's channel, how many columns each
-        channel has there (float64), and that count with 0 replaced by 1 (a safe divisor)."""
-        info = self._blocks.get(cb)
-        if info is None:
-            lo, hi = cb * self.cpc, min(self.ncols, (cb + 1) * self.cpc)
-            ch = (np.arange(lo, hi, dtype=np.intp) % (self.C * self.inner)) // self.inner
-            per_channel = np.bincount(ch, minlength=self.C).astype(np.float64)
-            info = self._blocks[cb] = (ch, per_channel, np.maximum(per_channel, 1.0))
-        return info
+        if self.rows:
+            if self._channel is None:
+                c = np.broadcast_to(np.arange(self.C, dtype=np.intp)[None, :, None], self.part_shape)
+                self._channel = c.reshape(-1)
+            spread = v.take(self._channel)[:, None]
+            return lambda rs, cs: spread[rs]
+        if self.t > 1:  # at most _COL_MAX columns: spread once per call
+            full = v.take(self._local_channels(self.ncols))[None, :]
+            return lambda rs, cs: full[:, cs]
+        if self.inner == 1:
+            row = v[None, :]
+            return lambda rs, cs: row[:, cs]
+        if self.spread_all:  # a row of coefficients small next to x: spread once per call
+            full = v.take(self._local_channels(self.ncols))[None, :]
+            return lambda rs, cs: full[:, cs]
+        # else each block spreads its own channels' values (blocks start on a channel)
+        inner = self.inner
+        return lambda rs, cs: self.spread(v[cs.start // inner:], cs)[None, :]
 
     def ones(self, dt: np.dtype) -> np.ndarray:
-        """A vector of ones long enough for the BLAS sums of any chunk (shared, read-only)."""
+        """A vector of ones long enough for the BLAS sums of any block (shared, read-only)."""
         o = self._ones.get(dt)
         if o is None:
-            o = self._ones[dt] = np.ones(max(self.rpc, self.cpc), dtype=dt)
+            n = max(self.map.rpc, self.map.cpc, self.red.rpc, self.red.cpc)
+            o = np.ones(n, dtype=dt)
             o.flags.writeable = False
+            self._ones[dt] = o
         return o
 
-    def coef_block(self, c: np.ndarray, rs: slice, cs: slice) -> np.ndarray:
-        return c[rs] if self.rows else c[:, cs]
+    def scratch_size(self) -> int:
+        return max(self.map.rpc * self.map.cpc, self.red.rpc * self.red.cpc)
 
     def empty_like(self, dtype: Any) -> np.ndarray:
         """A new array with the analysed array's shape and memory layout, in ``dtype``."""
@@ -378,13 +552,14 @@ def _load(block: np.ndarray, dt: np.dtype, buf: np.ndarray) -> np.ndarray:
 
 
 class _Scratch:
-    """A thread's chunk-sized buffers, each allocated on first use (float32 input with float32
+    """A thread's block-sized buffers, each allocated on first use (float32 input with float32
     coefficients needs at most one, so the peak memory stays close to the outputs alone)."""
 
     __slots__ = ("size", "dtype", "bufs")
 
     def __init__(self, size: int, dtype: np.dtype):
-        self.size, self.dtype, self.bufs = size, dtype, {}
+        self.size, self.dtype = size, dtype
+        self.bufs: dict[int, np.ndarray] = {}
 
     def __getitem__(self, i: int) -> np.ndarray:
         buf = self.bufs.get(i)
@@ -394,7 +569,7 @@ class _Scratch:
 
 
 def _scratch(g: _Geom, dt: np.dtype) -> Callable[[], _Scratch]:
-    return lambda: _Scratch(g.rpc * g.cpc, dt)
+    return lambda: _Scratch(g.scratch_size(), dt)
 
 
 def _view(buf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -417,86 +592,158 @@ def batch_stats(x: Any, /, *, axis: int, xp: ModuleType | None = None) -> tuple[
         return NotImplemented
     dt = _cdtype(x)
     nbk = _compiled()
-    if nbk is not None and x.dtype == dt:
-        return _nb_batch_stats(nbk, g, x, dt)
+    # inf and NaN inputs give NaN and inf here as in torch: results, not warnings
+    with np.errstate(all="ignore"):
+        if nbk is not None and x.dtype == dt:
+            mean, var, finite = _nb_batch_stats(nbk, g, x, dt)
+        else:
+            mean, var = _passes_batch_stats(g, x, dt)
+            finite = math.isfinite(float(np.dot(mean, var)))  # an inf or NaN in either shows
+        if not finite:
+            _nonfinite_channels(g, x, mean, var)
+        return mean.astype(dt), var.astype(dt)
+
+
+def _median3(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    return np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), c))
+
+
+def _passes_batch_stats(g: _Geom, x: np.ndarray, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     mat = g.matrix(x)
     ones = g.ones(dt)
-    # Each partial (a row; or a channel's columns in a chunk) of n values is centred on c0,
-    # its rounded mean; d = sum(v - c0) and q = sum((v - c0)^2) come from the centred copy in
-    # cache. Its exact mean is c0 + d/n and its centred sum of squares q - d^2/n (the corrected
-    # two-pass form): accurate when |mean| >> std, and exactly 0 for a constant channel, whose
-    # v - c0 is one repeated value (so the layer can give such a channel exactly beta).
+    plan = g.red
+    # Each partial (a row; or a channel's columns in a block) is one pass about a shift s, the
+    # median of three of its values (first, middle, last): d = sum(v - s), q = sum((v - s)^2)
+    # from the shifted copy in cache, and the merge takes q - d^2/n in float64. The median is
+    # within about a standard deviation of the mean, so that costs a digit at most, and
+    # removes any common offset (accurate when |mean| >> std); a constant channel has v - s
+    # exactly 0 everywhere, whatever BLAS's summation order, so its variance is exactly 0.
     if g.rows:
-        pctr, pd, pq = (np.empty(g.nrows, dtype=dt) for _ in range(3))
+        pz, pd, pq = (np.empty(g.nrows) for _ in range(3))
+        L = g.L
 
         def task(i: int, s: _Scratch) -> None:
-            rs, _ = g.block(i)
+            rs, _ = plan.block(i)
             blk = _load(mat[rs], dt, s[1])
-            ctr = (blk @ ones[: g.L]) / dt.type(g.L)
             c = _view(s[0], blk.shape)
-            np.subtract(blk, ctr[:, None], out=c)
-            pctr[rs] = ctr
-            pd[rs] = c @ ones[: g.L]
+            z = _median3(blk[:, 0], blk[:, L // 2], blk[:, L - 1])
+            np.subtract(blk, z[:, None], out=c)
+            pd[rs] = c @ ones[:L]
             pq[rs] = np.vecdot(c, c)
+            pz[rs] = z
 
-        _run_tasks(g, x.nbytes, _scratch(g, dt), task)
-        parts = [_rows_by_channel(a, g) for a in (pctr, pd, pq)]
-        n_part: Any = float(g.L)
+        _run_tasks(plan, x.nbytes, _scratch(g, dt), task, bufsize=True)
+        parts = [_rows_by_channel(a, g) for a in (pz, pd, pq)]
+        n_part: Any = float(L)
     else:
-        # partials per (chunk, channel): the merge then touches O(chunks * C) numbers, not
-        # O(chunks * columns), which for channels-last inputs is 30x more
-        pctr, pd, pq, pn = (np.zeros((g.n_tasks, g.C)) for _ in range(4))
+        P = g.red_counts.shape[0]  # type: ignore[union-attr]
+        cz, cd, cq = (np.empty((P, g.C)) for _ in range(3))
+        inner = g.inner
 
         def task(i: int, s: _Scratch) -> None:
-            rs, cs = g.block(i)
-            ch, per_channel, safe = g.column_channels(i % g.n_cb)
+            rs, cs = plan.block(i)
+            p, c0, nch = g.slot(i)
             blk = _load(mat[rs, cs], dt, s[1])
             n = blk.shape[0]
-            sums = np.bincount(ch, weights=ones[:n] @ blk, minlength=g.C)
-            ctr = (sums / (n * safe)).astype(dt)
             c = _view(s[0], blk.shape)
-            np.subtract(blk, ctr.take(ch), out=c)
-            pctr[i] = ctr
-            pd[i] = np.bincount(ch, weights=ones[:n] @ c, minlength=g.C)
+            # samples from three rows and, when rows are folded, three folds: far apart, so
+            # that one local outlier (or a periodic one) does not make the median
+            span = nch * inner
+            f = (cs.stop - cs.start) // span - 1  # the last fold in the block
+            z = _median3(blk[0, 0:span:inner],
+                         blk[n // 2, (f // 2) * span + inner // 2:(f // 2 + 1) * span:inner],
+                         blk[n - 1, f * span + inner - 1:(f + 1) * span:inner])
+            np.subtract(blk, g.spread(z, cs), out=c)
+            cd[p, c0:c0 + nch] = g.per_channel(ones[:n] @ c, cs, nch)
             # one pass for square-and-sum down the columns; BLAS has no such call
-            pq[i] = np.bincount(ch, weights=np.einsum("ij,ij->j", c, c), minlength=g.C)
-            pn[i] = n * per_channel
+            cq[p, c0:c0 + nch] = g.per_channel(np.einsum("ij,ij->j", c, c), cs, nch)
+            cz[p, c0:c0 + nch] = z
 
-        _run_tasks(g, x.nbytes, _scratch(g, dt), task)
-        parts, n_part = [pctr, pd, pq], pn
-    mean, var = _chan_merge(*parts, n_part, float(x.size // g.C))
-    return mean.astype(dt), var.astype(dt)
+        _run_tasks(plan, x.nbytes, _scratch(g, dt), task)
+        parts, n_part = [cz, cd, cq], g.red_counts
+    return _chan_merge(parts[0], parts[1], parts[2], n_part, float(x.size // g.C))
 
 
 def _rows_by_channel(a: np.ndarray, g: _Geom) -> np.ndarray:
     """Row partials (one per matrix row) as a float64 (partials, C) array."""
-    return a.astype(np.float64).reshape(g.part_shape).transpose(0, 2, 1).reshape(-1, g.C)
+    return a.astype(np.float64, copy=False).reshape(g.part_shape).transpose(0, 2, 1).reshape(-1, g.C)
 
 
 def _chan_merge(ctr: np.ndarray, d: np.ndarray, q: np.ndarray, n: Any, count: float) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel (mean, var) from (P, C) float64 partials, merged in a fixed order.
 
-    A partial has n values (n = 0: the channel is not in it), centre ctr, d = sum(v - ctr) and
+    A partial has n values (a scalar, or a (P, 1) column), centre ctr, d = sum(v - ctr) and
     q = sum((v - ctr)^2). With u = its mean minus the first partial's mean, mean = ref +
     sum(n u) / M and M2 = sum(q - d^2 / n) + sum(n u^2) - M ubar^2: every term small, and a
-    constant channel's mean is its value exactly (where sum(n * v) / M would round for
-    float64 v) and its variance exactly 0.
+    constant channel (every partial (value, 0, 0)) has u == 0 exactly, so its mean is its value
+    and its variance exactly 0.
     """
-    if np.ndim(n):
-        present = n > 0
-        d_n = d / np.where(present, n, 1.0)
-        first = present.argmax(axis=0)
-    else:
-        d_n = d / n
-        first = np.zeros(ctr.shape[1], dtype=np.intp)
-    u = ctr + d_n
-    ref = u[first, np.arange(u.shape[1])]
-    u -= ref
-    nu = n * u
-    ubar = nu.sum(axis=0) / count
-    q = q - d * d_n + nu * u
-    m2 = q.sum(axis=0) - count * ubar * ubar
-    return ref + ubar, np.maximum(m2, 0.0) / count
+    P, C = ctr.shape
+    if P == 1:  # one block of rows (a wide input): in place, no temporaries of size C
+        d /= n
+        ctr += d
+        d *= d
+        d *= n
+        q -= d
+        q[q < 0.0] = 0.0  # rounding only; NaN stays NaN
+        q /= count
+        return ctr[0], q[0]
+    mean, var = np.empty(C), np.empty(C)
+    step = max(1, _MERGE_VALUES // P)  # channels at a time: the temporaries stay small
+    for lo in range(0, C, step):
+        cs = slice(lo, lo + step)
+        dc, qc = d[:, cs], q[:, cs]
+        d_n = dc / n
+        u = ctr[:, cs] + d_n
+        ref = u[0].copy()
+        u -= ref
+        nu = n * u
+        ubar = nu.sum(axis=0) / count
+        nu *= u
+        d_n *= dc
+        d_n -= qc  # minus the partials' own squared deviations
+        nu -= d_n
+        m2 = nu.sum(axis=0) - count * ubar * ubar
+        mean[cs] = ref + ubar
+        var[cs] = np.where(m2 < 0.0, 0.0, m2) / count  # rounding only; NaN stays NaN
+    return mean, var
+
+
+# Values per temporary of the NumPy merge (a slice of channels at a time)
+_MERGE_VALUES = 1 << 14
+
+
+def _nonfinite_channels(g: _Geom, x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> None:
+    """Channels holding inf or NaN, in place: torch's plain mean (sum / M: +inf, -inf, or NaN
+    when both signs or a NaN occur) and its two-pass variance (NaN once the mean is not
+    finite). The shifted partials would give NaN for a mean of +-inf (inf - inf), and a
+    finite input whose shifted sums overflowed gets its statistics from float64 sums here."""
+    bad = ~(np.isfinite(mean) & np.isfinite(var))
+    v3 = g.view3(x)
+    step = max(1, (_CHUNK_BYTES // 4) // (g.C * g.inner))
+    total = np.zeros(g.C)
+    for o in range(0, g.outer, step):  # float64 sums through NumPy's buffer, no float64 copy
+        total += np.sum(v3[o:o + step], axis=(0, 2), dtype=np.float64)
+    count = x.size // g.C
+    plain = total / count
+    mean[bad] = plain[bad]
+    var[bad] = np.nan
+    for c in np.flatnonzero(bad & np.isfinite(plain)):
+        ss = 0.0
+        for piece in _channel_pieces(v3, int(c)):
+            dev = piece.astype(np.float64) - plain[c]
+            ss += float(np.vdot(dev, dev))
+        var[c] = ss / count
+
+
+def _channel_pieces(v3: np.ndarray, c: int) -> Any:
+    """Channel c of an (outer, C, inner) view in pieces of at most a chunk."""
+    outer, _, inner = v3.shape
+    step = _CHUNK_BYTES // 8
+    rows = max(1, step // inner)
+    for o in range(0, outer, rows):
+        for j in range(0, inner, step):
+            yield v3[o:o + rows, c, j:j + step]
 
 
 # -- scale_shift ----------------------------------------------------------------------------
@@ -510,24 +757,30 @@ def scale_shift(x: Any, scale: Any, shift: Any, /, *, axis: int, xp: ModuleType 
         return NotImplemented
     nbk = _compiled()
     if nbk is not None and x.dtype == dt:
-        return _nb_scale_shift(nbk, g, x, scale, shift, dt)
+        return _nb_scale_shift(nbk, g, x, scale, shift, dt)  # compiled: nothing warns
+    with np.errstate(all="ignore"):
+        return _passes_scale_shift(g, x, scale, shift, dt)
+
+
+def _passes_scale_shift(g: _Geom, x: np.ndarray, scale: Any, shift: Any, dt: np.dtype) -> np.ndarray:
     y = g.empty_like(x.dtype)
     mat, out = g.matrix(x), g.matrix(y)
     a, b = g.coef(scale, dt), g.coef(shift, dt)
     direct = x.dtype == dt
+    plan = g.map
 
     def task(i: int, s: _Scratch) -> None:
-        rs, cs = g.block(i)
+        rs, cs = plan.block(i)
         xb = mat[rs, cs]
         # straight into y unless a dtype conversion is needed on the way
         dst = out[rs, cs] if direct else _view(s[0], xb.shape)
-        np.multiply(_load(xb, dt, s[0]), g.coef_block(a, rs, cs), out=dst)
+        np.multiply(_load(xb, dt, s[0]), a(rs, cs), out=dst)  # type: ignore[misc]
         if b is not None:
-            np.add(dst, g.coef_block(b, rs, cs), out=dst)
+            np.add(dst, b(rs, cs), out=dst)
         if not direct:
             np.copyto(out[rs, cs], dst, casting="unsafe")
 
-    _run_tasks(g, x.nbytes + y.nbytes, _scratch(g, dt), task)
+    _run_tasks(plan, x.nbytes + y.nbytes, _scratch(g, dt), task, bufsize=g.rows)
     return y
 
 
@@ -541,39 +794,53 @@ def backward_reduce(dy: Any, x: Any, mean: Any, /, *, axis: int, xp: ModuleType 
     if g is None or dt is None:
         return NotImplemented
     nbk = _compiled()
-    if nbk is not None and x.dtype == dy.dtype == dt:
-        return _nb_backward_reduce(nbk, g, dy, x, mean, dt)
+    with np.errstate(all="ignore"):  # inf and NaN propagate as in torch, without warnings
+        if nbk is not None and x.dtype == dy.dtype == dt:
+            return _nb_backward_reduce(nbk, g, dy, x, mean, dt)
+        return _passes_backward_reduce(g, dy, x, mean, dt)
+
+
+def _passes_backward_reduce(
+    g: _Geom, dy: np.ndarray, x: np.ndarray, mean: Any, dt: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
     mx, mdy = g.matrix(x), g.matrix(dy)
     mu = g.coef(mean, dt)
     ones = g.ones(dt)
+    plan = g.red
     if g.rows:
         p_dy, p_dyx = (np.empty(g.nrows, dtype=dt) for _ in range(2))
 
         def task(i: int, s: _Scratch) -> None:
-            rs, _ = g.block(i)
+            rs, cs = plan.block(i)
             d = _load(mdy[rs], dt, s[1])
             c = _view(s[0], d.shape)
-            np.subtract(_load(mx[rs], dt, s[0]), mu[rs], out=c)
+            np.subtract(_load(mx[rs], dt, s[0]), mu(rs, cs), out=c)  # type: ignore[misc]
             p_dy[rs] = d @ ones[: g.L]
             p_dyx[rs] = np.vecdot(c, d)
     else:
-        p_dy, p_dyx = (np.empty((g.n_tasks, g.C)) for _ in range(2))
+        P = g.red_counts.shape[0]  # type: ignore[union-attr]
+        p_dy, p_dyx = (np.empty((P, g.C)) for _ in range(2))
 
         def task(i: int, s: _Scratch) -> None:
-            rs, cs = g.block(i)
-            ch = g.column_channels(i % g.n_cb)[0]
+            rs, cs = plan.block(i)
+            p, c0, nch = g.slot(i)
             d = _load(mdy[rs, cs], dt, s[1])
             n = d.shape[0]
             c = _view(s[0], d.shape)
-            np.subtract(_load(mx[rs, cs], dt, s[0]), mu[:, cs], out=c)
-            p_dy[i] = np.bincount(ch, weights=ones[:n] @ d, minlength=g.C)
-            p_dyx[i] = np.bincount(ch, weights=np.einsum("ij,ij->j", c, d), minlength=g.C)
+            np.subtract(_load(mx[rs, cs], dt, s[0]), mu(rs, cs), out=c)  # type: ignore[misc]
+            p_dy[p, c0:c0 + nch] = g.per_channel(ones[:n] @ d, cs, nch)
+            p_dyx[p, c0:c0 + nch] = g.per_channel(np.einsum("ij,ij->j", c, d), cs, nch)
 
-    _run_tasks(g, x.nbytes + dy.nbytes, _scratch(g, dt), task)
+    _run_tasks(plan, x.nbytes + dy.nbytes, _scratch(g, dt), task, bufsize=g.rows)
     if g.rows:
         p_dy, p_dyx = _rows_by_channel(p_dy, g), _rows_by_channel(p_dyx, g)
     # partials are added in float64 in a fixed order and rounded once
-    return p_dy.sum(axis=0).astype(dt), p_dyx.sum(axis=0).astype(dt)
+    return _sum_rows(p_dy, dt), _sum_rows(p_dyx, dt)
+
+
+def _sum_rows(a: np.ndarray, dt: np.dtype) -> np.ndarray:
+    """Partials (P, C) added in float64 in a fixed order, rounded once to ``dt``."""
+    return (a[0] if a.shape[0] == 1 else a.sum(axis=0)).astype(dt)
 
 
 # -- backward_apply -------------------------------------------------------------------------
@@ -591,21 +858,28 @@ def backward_apply(
     nbk = _compiled()
     if nbk is not None and x.dtype == dy.dtype == dt:
         return _nb_backward_apply(nbk, g, dy, x, (mean, k_dy, k_xmu, k_const), dt)
+    with np.errstate(all="ignore"):
+        return _passes_backward_apply(g, dy, x, mean, k_dy, k_xmu, k_const, dt)
+
+
+def _passes_backward_apply(g: _Geom, dy: np.ndarray, x: np.ndarray, mean: Any, k_dy: Any, k_xmu: Any,
+                           k_const: Any, dt: np.dtype) -> np.ndarray:
     dx = g.empty_like(dy.dtype)
     mx, mdy, out = g.matrix(x), g.matrix(dy), g.matrix(dx)
     direct = dy.dtype == dt
+    plan = g.map
     folded = _fold_backward(mean, k_dy, k_xmu, k_const, dt)
     if folded is not None:
         centre, ratio = (g.coef(v, dt) for v in folded)
         scale = g.coef(k_dy, dt)
 
         def task(i: int, s: _Scratch) -> None:
-            rs, cs = g.block(i)
+            rs, cs = plan.block(i)
             dst = out[rs, cs] if direct else _view(s[2], (rs.stop - rs.start, cs.stop - cs.start))
-            np.subtract(_load(mx[rs, cs], dt, s[1]), g.coef_block(centre, rs, cs), out=dst)
-            np.multiply(dst, g.coef_block(ratio, rs, cs), out=dst)
+            np.subtract(_load(mx[rs, cs], dt, s[1]), centre(rs, cs), out=dst)  # type: ignore[misc]
+            np.multiply(dst, ratio(rs, cs), out=dst)  # type: ignore[misc]
             np.add(dst, _load(mdy[rs, cs], dt, s[1]), out=dst)
-            np.multiply(dst, g.coef_block(scale, rs, cs), out=dst)
+            np.multiply(dst, scale(rs, cs), out=dst)  # type: ignore[misc]
             if not direct:
                 np.copyto(out[rs, cs], dst, casting="unsafe")
 
@@ -613,19 +887,19 @@ def backward_apply(
         mu, a, b, c0 = (g.coef(v, dt) for v in (mean, k_dy, k_xmu, k_const))
 
         def task(i: int, s: _Scratch) -> None:
-            rs, cs = g.block(i)
+            rs, cs = plan.block(i)
             shape = (rs.stop - rs.start, cs.stop - cs.start)
             dst = out[rs, cs] if direct else _view(s[2], shape)
             tmp = _view(s[0], shape)
-            np.subtract(_load(mx[rs, cs], dt, s[1]), g.coef_block(mu, rs, cs), out=dst)
-            np.multiply(dst, g.coef_block(b, rs, cs), out=dst)
-            np.multiply(_load(mdy[rs, cs], dt, s[1]), g.coef_block(a, rs, cs), out=tmp)
+            np.subtract(_load(mx[rs, cs], dt, s[1]), mu(rs, cs), out=dst)  # type: ignore[misc]
+            np.multiply(dst, b(rs, cs), out=dst)  # type: ignore[misc]
+            np.multiply(_load(mdy[rs, cs], dt, s[1]), a(rs, cs), out=tmp)  # type: ignore[misc]
             np.add(dst, tmp, out=dst)
-            np.add(dst, g.coef_block(c0, rs, cs), out=dst)
+            np.add(dst, c0(rs, cs), out=dst)  # type: ignore[misc]
             if not direct:
                 np.copyto(out[rs, cs], dst, casting="unsafe")
 
-    _run_tasks(g, x.nbytes + 2 * dy.nbytes, _scratch(g, dt), task)
+    _run_tasks(plan, x.nbytes + 2 * dy.nbytes, _scratch(g, dt), task, bufsize=g.rows)
     return dx
 
 
@@ -633,95 +907,110 @@ def _fold_backward(mean: Any, k_dy: Any, k_xmu: Any, k_const: Any, dt: np.dtype)
     """(centre, ratio) with dx = ((x - centre) * ratio + dy) * k_dy, or None where that fails.
 
     dy * k_dy + (x - mean) * k_xmu + k_const has five elementwise passes in NumPy; this form
-    has four. The constant moves into the centre, centre = mean - k_const / k_xmu, not into a
-    term x * k_xmu: x - centre is still a difference of nearby numbers, so its rounding is
-    relative to |x - mean| + |k_const / k_xmu| (the two terms being added anyway), never to
-    |mean|. It needs k_xmu and k_dy nonzero in every channel (gamma = 0, as in a zero-initialised
-    residual branch, or sum(dy * (x - mean)) = 0 exactly, take the five-pass form instead).
+    has four. The constant moves into the centre, centre = mean - delta with delta =
+    k_const / k_xmu, not into a term x * k_xmu. The subtraction x - centre is then accurate,
+    but the centre itself is rounded to the compute dtype, an error of ulp(centre) / 2 in every
+    x - centre, which k_xmu carries into dx: harmless next to the k_const term (delta * k_xmu)
+    the five-pass form adds while |centre| <= 64 |delta|, and unbounded when a large mean meets
+    a small delta (measured before this rule: 2.6e-2 relative error in dx for float32
+    1e4 + N(0, 1) with 3 values per channel, where the five-pass form gives 6e-8). So it folds
+    only when every channel meets that bound, and k_xmu and k_dy are nonzero everywhere (gamma
+    = 0, as in a zero-initialised residual branch, or sum(dy * (x - mean)) = 0 exactly, take
+    the five-pass form).
     """
-    kd, kx = np.asarray(k_dy, np.float64), np.asarray(k_xmu, np.float64)
+    kd, kx = np.asarray(k_dy), np.asarray(k_xmu)
     if not (kd.all() and kx.all()):
         return None
-    with np.errstate(all="ignore"):
-        centre = (np.asarray(mean, np.float64) - np.asarray(k_const, np.float64) / kx).astype(dt)
-        ratio = (kx / kd).astype(dt)
-        # an inf or nan anywhere shows in the sum (as may an overflowing sum: then too, no fold)
-        if not (np.isfinite(centre.sum() + ratio.sum()) and ratio.all()):
-            return None
+    # float64, a wide C's few temporaries at a time
+    kx = kx.astype(np.float64)
+    delta = np.array(k_const, dtype=np.float64)
+    delta /= kx
+    centre = np.subtract(np.asarray(mean, np.float64), delta)
+    np.abs(delta, out=delta)
+    delta *= _FOLD_MAX_CENTRE
+    if not (np.abs(centre) <= delta).all():  # NaN fails too
+        return None
+    centre = centre.astype(dt)
+    kx /= kd
+    ratio = kx.astype(dt)
+    # an inf or nan anywhere shows in the sum (as may an overflowing sum: then too, no fold)
+    if not (np.isfinite(centre.sum() + ratio.sum()) and ratio.all()):
+        return None
     return centre, ratio
 
 
+# See _fold_backward: the largest |centre| / |k_const / k_xmu| the fold accepts.
+_FOLD_MAX_CENTRE = 64.0
+
+
 # -- the compiled route (numba) -------------------------------------------------------------
-# One pass per op; the same partials and the same float64 merges as the NumPy passes. Inputs
-# that need a dtype conversion (float16, mixed dtypes) stay on the NumPy passes.
+# One pass per op; the same kind of partials and the same float64 merge as the NumPy passes.
+# Inputs that need a dtype conversion (float16, mixed dtypes) stay on the NumPy passes.
 
 
-def _nb_threads(nbk: Any, g: _Geom, nbytes: int) -> None:
-    # about one chunk of the NumPy passes per hand-out: a row or a column block
-    chunk = max(1, (_CHUNK_BYTES // 4) // g.inner) if g.nb_rows() else 1
-    nbk.set_threads(_num_threads if nbytes >= _PARALLEL_MIN_BYTES else 1, chunk)
+def _nb_threads(nbk: Any, nbytes: int) -> None:
+    # every compiled loop hands out blocks of about a chunk each, one at a time
+    nbk.set_threads(_num_threads if nbytes >= _PARALLEL_MIN_BYTES else 1, 1)
 
 
 def _nb_vec(v: Any, dt: np.dtype) -> np.ndarray:
     return np.ascontiguousarray(v, dtype=dt)
 
 
-def _nb_batch_stats(nbk: Any, g: _Geom, x: np.ndarray, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    _nb_threads(nbk, g, x.nbytes)
-    m = g.nb_matrix(x)
-    if g.nb_rows():
-        ctr, d, q = (np.empty(m.shape[0]) for _ in range(3))
-        nbk.rows_stats(m, ctr, d, q)
-        parts = [a.reshape(g.outer, g.C) for a in (ctr, d, q)]
-        n_part: Any = float(g.inner)
+def _nb_batch_stats(nbk: Any, g: _Geom, x: np.ndarray, dt: np.dtype) -> tuple[np.ndarray, np.ndarray, bool]:
+    _nb_threads(nbk, x.nbytes)
+    p = g.nb_plan(x.itemsize)
+    ctr, d, q = (np.empty((p.nblocks, p.Ck)) for _ in range(3))
+    v = x.transpose(g.order) if g.order else x
+    if p.rows:
+        nbk.rows_stats(v.reshape(g.outer, p.Ck, p.L), p.nb, p.cs, ctr, d, q)
     else:
-        blk, nblocks = g.nb_block()
-        ctr, d, q = (np.empty((nblocks, m.shape[1])) for _ in range(3))
-        nbk.cols_stats(m, blk, ctr, d, q)
-        parts = [a.reshape(nblocks, g.C, g.inner).transpose(0, 2, 1).reshape(-1, g.C) for a in (ctr, d, q)]
-        rows = np.minimum(blk, g.outer - blk * np.arange(nblocks)).astype(np.float64)
-        n_part = np.repeat(rows, g.inner)[:, None]
+        nbk.cols_stats(v.reshape(g.outer, g.C * g.inner), g.inner, p.nb, p.cs, ctr, d, q)
+    if p.k > 1:  # sub-rows: (blocks, C, k) -> (blocks * k, C)
+        ctr, d, q = (a.reshape(p.nblocks, g.C, p.k).transpose(0, 2, 1).reshape(-1, g.C) for a in (ctr, d, q))
     mean, var = np.empty(g.C), np.empty(g.C)
-    n_arr = np.full((parts[0].shape[0], 1), n_part) if np.ndim(n_part) == 0 else n_part
     # the same merge as _chan_merge, compiled: a dozen NumPy calls cost more than the pass
     # itself on small inputs
-    nbk.chan_merge(*(np.ascontiguousarray(a) for a in (*parts, n_arr)), float(x.size // g.C), mean, var)
-    return mean.astype(dt), var.astype(dt)
+    finite = nbk.chan_merge(ctr, d, q, p.counts, float(x.size // g.C), mean, var)
+    return mean, var, finite
 
 
 def _nb_scale_shift(nbk: Any, g: _Geom, x: np.ndarray, scale: Any, shift: Any, dt: np.dtype) -> np.ndarray:
-    _nb_threads(nbk, g, 2 * x.nbytes)
+    _nb_threads(nbk, 2 * x.nbytes)
     y = g.empty_like(x.dtype)
     b = np.zeros(g.C, dt) if shift is None else shift
     if g.nb_rows():
-        nbk.rows_affine(g.nb_matrix(x), _nb_vec(scale, dt), _nb_vec(b, dt), g.C, g.nb_matrix(y))
+        nbk.rows_affine(g.nb_matrix(x), _nb_vec(scale, dt), _nb_vec(b, dt), g.C, g.nb_block(), g.nb_matrix(y))
     else:
-        nbk.cols_affine(g.nb_matrix(x), g.nb_cols(scale, dt), g.nb_cols(b, dt), g.nb_block()[0], g.nb_matrix(y))
+        nbk.cols_affine(g.nb_matrix(x), g.nb_cols(scale, dt), g.nb_cols(b, dt), g.nb_block(), g.nb_matrix(y))
     return y
 
 
 def _nb_backward_reduce(nbk: Any, g: _Geom, dy: np.ndarray, x: np.ndarray, mean: Any, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    _nb_threads(nbk, g, 2 * x.nbytes)
-    mx, mdy = g.nb_matrix(x), g.nb_matrix(dy)
-    if g.nb_rows():
-        sdy, sdx = np.empty(mx.shape[0]), np.empty(mx.shape[0])
-        nbk.rows_backward_reduce(mx, mdy, _nb_vec(mean, dt), g.C, sdy, sdx)
-        shape, axes = (g.outer, g.C), (0,)
+    _nb_threads(nbk, 2 * x.nbytes)
+    p = g.nb_plan(x.itemsize)
+    sdy, sdx = np.empty((p.nblocks, p.Ck)), np.empty((p.nblocks, p.Ck))
+    vx = x.transpose(g.order) if g.order else x
+    vdy = dy.transpose(g.order) if g.order else dy
+    m = _nb_vec(mean, dt)
+    if p.rows:
+        m = np.repeat(m, p.k) if p.k > 1 else m
+        r3 = (g.outer, p.Ck, p.L)
+        nbk.rows_backward_reduce(vx.reshape(r3), vdy.reshape(r3), m, p.nb, p.cs, sdy, sdx)
     else:
-        blk, nblocks = g.nb_block()
-        sdy, sdx = np.empty((nblocks, mx.shape[1])), np.empty((nblocks, mx.shape[1]))
-        nbk.cols_backward_reduce(mx, mdy, g.nb_cols(mean, dt), blk, sdy, sdx)
-        shape, axes = (nblocks, g.C, g.inner), (0, 2)
+        r2 = (g.outer, g.C * g.inner)
+        nbk.cols_backward_reduce(vx.reshape(r2), vdy.reshape(r2), m, g.inner, p.nb, p.cs, sdy, sdx)
     # float64 sums of the partials, in a fixed order
-    return sdy.reshape(shape).sum(axis=axes).astype(dt), sdx.reshape(shape).sum(axis=axes).astype(dt)
+    s_dy, s_dx = (a.reshape(p.nblocks, g.C, p.k).sum(axis=(0, 2)) for a in (sdy, sdx))
+    return s_dy.astype(dt), s_dx.astype(dt)
 
 
 def _nb_backward_apply(nbk: Any, g: _Geom, dy: np.ndarray, x: np.ndarray, coefs: tuple[Any, ...], dt: np.dtype) -> np.ndarray:
-    _nb_threads(nbk, g, 3 * x.nbytes)
+    _nb_threads(nbk, 3 * x.nbytes)
     dx = g.empty_like(dy.dtype)
     mx, mdy, out = g.nb_matrix(x), g.nb_matrix(dy), g.nb_matrix(dx)
     if g.nb_rows():
-        nbk.rows_backward_apply(mx, mdy, *(_nb_vec(v, dt) for v in coefs), g.C, out)
+        nbk.rows_backward_apply(mx, mdy, *(_nb_vec(v, dt) for v in coefs), g.C, g.nb_block(), out)
     else:
-        nbk.cols_backward_apply(mx, mdy, *(g.nb_cols(v, dt) for v in coefs), g.nb_block()[0], out)
+        nbk.cols_backward_apply(mx, mdy, *(g.nb_cols(v, dt) for v in coefs), g.nb_block(), out)
     return dx
