@@ -20,7 +20,9 @@ from xbn import backends
 from xbn import functional as F
 from xbn.kernels import numpy as kn
 
-FAST = backends.resolve("numpy").ops
+# generic=False: the kernels are tested whatever XBN_FORCE_GENERIC says about the layers
+NUMPY_FAST = backends.resolve("numpy", generic=False)
+FAST = NUMPY_FAST.ops
 GENERIC = backends.resolve("numpy", generic=True).ops
 HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 
@@ -60,6 +62,14 @@ SHAPES = [
     ((16, 24, 24, 32), -1),
     ((4099, 64), 1),
     ((4096, 128), 1),
+    # wide C: partials of one block of rows, channels split among tasks (strips), and blocks of
+    # rows that the partial budget makes taller; C over the folding limit; a prime C and N
+    ((3, 70001), 1),
+    ((40, 20011), 1),
+    ((4096, 1024), 1),
+    ((2, 3001, 5), 1),
+    ((8, 300, 7, 7), 1),
+    ((1031, 257), 1),
 ]
 DTYPES = [np.float32, np.float64, np.float16]
 TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 2e-5, np.dtype(np.float16): 2e-3}
@@ -256,6 +266,28 @@ def test_backward_apply_unfoldable_channels(case):
     _close(got, GENERIC.backward_apply(dy, x, mean, k_dy, k_xmu, k_const, axis=axis), 2e-5, "dx")
 
 
+@pytest.mark.parametrize("case", [((3, 20001), 1), ((64, 8, 32, 32), 1), ((4096, 16), 1), ((8, 14, 14, 32), -1)],
+                         ids=_id)
+def test_backward_apply_large_offset(case):
+    """float32 x = 1e4 + N(0, 1): dx as accurate as the generic form (against float64 arithmetic
+    on the same coefficients). The four-pass form would round its centre at ulp(1e4) = 1e-3 in
+    every x - centre (2.6e-2 relative error with 3 values per channel), so it is not taken."""
+    shape, axis = case
+    rng = np.random.default_rng(11)
+    x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    mean, var = GENERIC.batch_stats(x, axis=axis)
+    inv = F.invstd(var, eps=1e-5)
+    sums = GENERIC.backward_reduce(dy, x, mean, axis=axis)
+    k = F.backward_coefficients(*sums, inv, None, count=x.size // shape[axis])
+    nd, a = x.ndim, axis % x.ndim
+    pc = [np.asarray(F.per_channel(v, nd, a), np.float64) for v in (mean, *k)]
+    ref = dy * pc[1] + (x - pc[0]) * pc[2] + pc[3]
+    got = FAST.backward_apply(dy, x, mean, *k, axis=axis)
+    err = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+    assert err <= 1e-6, f"dx relative error {err:.2g}"
+
+
 def test_mixed_precision_coefficients():
     """float32 input with float64 running statistics (eval with dtype='float64' parameters)."""
     x, _ = _data((8, 5, 40, 40), np.float32)
@@ -412,9 +444,11 @@ def test_errors_in_workers_propagate(threads, monkeypatch, engine):
 def test_backward_peak_memory(case):
     """Peak extra memory of a layer backward: dx plus O(chunk) scratch (the generic path
     peaks at 3 * x.nbytes); the target is at most about 2 * x.nbytes."""
+    if backends.generic_forced():
+        pytest.skip("XBN_FORCE_GENERIC is set: layers do not use the fast paths")
     shape, axis = case
     x, dy = _data(shape, np.float32)
-    bn = xbn.BatchNorm(shape[axis], axis=axis, backend="numpy")
+    bn = xbn.BatchNorm(shape[axis], axis=axis, backend=NUMPY_FAST)
     bn(x)
     bn.backward(dy)  # warm: the pool's threads exist, nothing lazily allocated remains
     bn(x)  # a backward needs a forward of its own
