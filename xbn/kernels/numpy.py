@@ -592,16 +592,18 @@ def batch_stats(x: Any, /, *, axis: int, xp: ModuleType | None = None) -> tuple[
         return NotImplemented
     dt = _cdtype(x)
     nbk = _compiled()
-    # inf and NaN inputs give NaN and inf here as in torch: results, not warnings
-    with np.errstate(all="ignore"):
-        if nbk is not None and x.dtype == dt:
-            mean, var, finite = _nb_batch_stats(nbk, g, x, dt)
-        else:
-            mean, var = _passes_batch_stats(g, x, dt)
-            finite = math.isfinite(float(np.dot(mean, var)))  # an inf or NaN in either shows
-        if not finite:
+    if nbk is not None and x.dtype == dt:
+        mean, var, finite = _nb_batch_stats(nbk, g, x, dt)  # compiled: nothing warns
+    else:
+        # inf and NaN give NaN and inf here as in torch: results, not warnings
+        with np.errstate(all="ignore"):
+            m64, v64 = _passes_batch_stats(g, x, dt)
+            mean, var = m64.astype(dt), v64.astype(dt)
+            finite = math.isfinite(float(np.dot(m64, v64)))  # an inf or NaN in either shows
+    if not finite:
+        with np.errstate(all="ignore"):
             _nonfinite_channels(g, x, mean, var)
-        return mean.astype(dt), var.astype(dt)
+    return mean, var
 
 
 def _median3(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -794,9 +796,9 @@ def backward_reduce(dy: Any, x: Any, mean: Any, /, *, axis: int, xp: ModuleType 
     if g is None or dt is None:
         return NotImplemented
     nbk = _compiled()
+    if nbk is not None and x.dtype == dy.dtype == dt:
+        return _nb_backward_reduce(nbk, g, dy, x, mean, dt)  # compiled: nothing warns
     with np.errstate(all="ignore"):  # inf and NaN propagate as in torch, without warnings
-        if nbk is not None and x.dtype == dy.dtype == dt:
-            return _nb_backward_reduce(nbk, g, dy, x, mean, dt)
         return _passes_backward_reduce(g, dy, x, mean, dt)
 
 
@@ -968,7 +970,7 @@ def _nb_batch_stats(nbk: Any, g: _Geom, x: np.ndarray, dt: np.dtype) -> tuple[np
         nbk.cols_stats(v.reshape(g.outer, g.C * g.inner), g.inner, p.nb, p.cs, ctr, d, q)
     if p.k > 1:  # sub-rows: (blocks, C, k) -> (blocks * k, C)
         ctr, d, q = (a.reshape(p.nblocks, g.C, p.k).transpose(0, 2, 1).reshape(-1, g.C) for a in (ctr, d, q))
-    mean, var = np.empty(g.C), np.empty(g.C)
+    mean, var = np.empty(g.C, dt), np.empty(g.C, dt)
     # the same merge as _chan_merge, compiled: a dozen NumPy calls cost more than the pass
     # itself on small inputs
     finite = nbk.chan_merge(ctr, d, q, p.counts, float(x.size // g.C), mean, var)
@@ -1001,8 +1003,10 @@ def _nb_backward_reduce(nbk: Any, g: _Geom, dy: np.ndarray, x: np.ndarray, mean:
         r2 = (g.outer, g.C * g.inner)
         nbk.cols_backward_reduce(vx.reshape(r2), vdy.reshape(r2), m, g.inner, p.nb, p.cs, sdy, sdx)
     # float64 sums of the partials, in a fixed order
-    s_dy, s_dx = (a.reshape(p.nblocks, g.C, p.k).sum(axis=(0, 2)) for a in (sdy, sdx))
-    return s_dy.astype(dt), s_dx.astype(dt)
+    s_dy, s_dx = np.empty(g.C, dt), np.empty(g.C, dt)
+    nbk.sum_partials(sdy, p.k, s_dy)
+    nbk.sum_partials(sdx, p.k, s_dx)
+    return s_dy, s_dx
 
 
 def _nb_backward_apply(nbk: Any, g: _Geom, dy: np.ndarray, x: np.ndarray, coefs: tuple[Any, ...], dt: np.dtype) -> np.ndarray:
