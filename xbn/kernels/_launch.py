@@ -209,9 +209,8 @@ class LaunchPlan:
     @property
     def merge_per_thread(self) -> int:
         """Partials each thread of a reduction's last block merges (0 without a split): the
-        block's threads that share a channel (a row of the channel-major block, a column of the
-        channels-last one) take the ``parts`` slots in turn. The kernels issue up to UNROLL of
-        these loads before the first merge."""
+        block's threads that share a channel (the channel-major block, a column of the
+        channels-last one) take the ``parts`` slots in turn."""
         if not self.workspace:
             return 0
         share = self.block[0] if "_ncl_" in self.kernel else self.block[1]
@@ -308,14 +307,16 @@ def plan(
     grid's y limit.
 
     A split reduction ends in its last block merging the ``parts`` partials of each channel, the
-    threads that share a channel taking them in turn, UNROLL loads at a time before the first
-    merge: ``parts`` is kept at most UNROLL times their number (``merge_per_thread`` <= UNROLL),
-    so the merge is one round trip to L2 rather than a chain of them. Channels-last reductions
+    threads that share a channel taking them in turn: ``parts`` is kept at most UNROLL times
+    their number (``merge_per_thread`` <= UNROLL), and the kernels load two partials (or one
+    partial's 2W + 1 values) before merging them, so the merge is a few round trips to L2
+    rather than a chain as long as the split. Channels-last reductions
     get there by narrowing the block across channels (TX) for more rows (TY), down to
     MIN_ROW_ELEMENTS per row; a scalar-load plan that would still need more rounds keeps its
-    blocks and merges in rounds. Channel-major blocks hold several channels, one per row of threads,
-    when a channel needs fewer than MAX_THREADS threads (small N*S), as long as every SM still
-    gets a block: the same per-channel work, in fewer and fuller blocks.
+    blocks and merges in rounds. The channel-major inference kernel (an eval-mode forward, where
+    small batches are common) gets several channels a block, one per row of threads, when a
+    channel needs fewer than MAX_THREADS threads (small N*S), as long as every SM still gets a
+    block: the same per-channel work, in fewer and fuller blocks.
 
     ``split=False`` plans a reduction without a split (``parts == 1``: no workspace, no
     counters), for launches that must not depend on memory outliving them (graph capture).
@@ -339,10 +340,11 @@ def plan(
         mv = layout.outer * sv
         threads = min(MAX_THREADS, max(32, next_pow2(_cdiv(mv, UNROLL))))
         group = threads * UNROLL
-        # Channels per block: only where one channel leaves the block part empty, in which case
-        # a channel is one group per thread (no split), so results are those of one per block.
+        # Channels per block (the inference kernel only: the others would pay registers for
+        # it): where one channel leaves the block part empty, so a channel is one group per
+        # thread and no split.
         rows = 1
-        if threads < MAX_THREADS:
+        if op == "inference" and threads < MAX_THREADS:
             rows = MAX_THREADS // threads
             while rows > 1 and _cdiv(c, rows) < sm_count:
                 rows //= 2

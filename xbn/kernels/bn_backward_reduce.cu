@@ -5,8 +5,7 @@
 // reproducible run after run.
 //
 // Entry points (_v1: scalar loads; _v2/_v4/_v8: W-element vectors of 8 or 16 bytes):
-//   xbn_backward_reduce_ncl_v*        (N, C, S); grid (ceil(C / CB), parts), block
-//                                     (threads, CB, 1): CB channels per block, one per row
+//   xbn_backward_reduce_ncl_v*        (N, C, S); grid (C, parts), block (threads, 1, 1)
 //   xbn_backward_reduce_nlc_v*        (R, C);    grid (ceil(C / W / TX), parts), block (TX, TY)
 //   xbn_backward_reduce_fused_ncl_v*  the same launches, and the thread that finishes a channel
 //   xbn_backward_reduce_fused_nlc_v*  goes on with the per-channel work of the backward
@@ -64,18 +63,16 @@ __device__ __forceinline__ void xbn_backward_reduce_ncl(
     const xbn_t* __restrict__ dy, const xbn_t* __restrict__ x, const acc_t* __restrict__ mean,
     acc_t* __restrict__ ws_dy, acc_t* __restrict__ ws_dy_xmu, unsigned int* __restrict__ counters,
     int n_outer, int channels, int sv, int chunk, const Out& out) {
-    const int c = (int)(blockIdx.x * blockDim.y + threadIdx.y);
-    const bool active = c < channels;  // a row past the last channel still meets the barriers
+    const int c = blockIdx.x;
     const int part = blockIdx.y;
     const int parts = gridDim.y;
     const int mv = n_outer * sv;
     const int begin = part * chunk;
-    const int end = active ? min(begin + chunk, mv) : begin;
+    const int end = min(begin + chunk, mv);
     const int csv = channels * sv;
-    const int cc = active ? c : 0;
-    const xbn_vec<W>* dyc = reinterpret_cast<const xbn_vec<W>*>(dy) + cc * sv;
-    const xbn_vec<W>* xc = reinterpret_cast<const xbn_vec<W>*>(x) + cc * sv;
-    const acc_t mu = mean[cc];
+    const xbn_vec<W>* dyc = reinterpret_cast<const xbn_vec<W>*>(dy) + c * sv;
+    const xbn_vec<W>* xc = reinterpret_cast<const xbn_vec<W>*>(x) + c * sv;
+    const acc_t mu = mean[c];
 
     acc_t s_dy = 0, s_dy_xmu = 0;
     int m = begin + (int)threadIdx.x;
@@ -109,28 +106,27 @@ __device__ __forceinline__ void xbn_backward_reduce_ncl(
 
     xbn_block_sum2(s_dy, s_dy_xmu);
     if (parts > 1) {
-        if (threadIdx.x == 0 && active) {
+        if (threadIdx.x == 0) {
             ws_dy[c * parts + part] = s_dy;
             ws_dy_xmu[c * parts + part] = s_dy_xmu;
             __threadfence();
         }
-        if (!xbn_arrive_last(counters + blockIdx.x, (unsigned int)parts)) return;
+        if (!xbn_arrive_last(counters + c, (unsigned int)parts)) return;
 
-        // Each thread's slots in slot order, all XBN_UNROLL loads before the first add
-        // (parts <= XBN_UNROLL * blockDim.x by the planner: one round trip to L2).
+        // Each thread's slots in slot order, XBN_MERGE_LOADS slots loaded before the first of
+        // their adds (parts <= XBN_UNROLL * blockDim.x by the planner: two round trips at most).
         s_dy = 0;
         s_dy_xmu = 0;
-        const int merged = active ? parts : 0;
-        for (int i = (int)threadIdx.x; i < merged; i += XBN_UNROLL * (int)blockDim.x) {
-            acc_t a[XBN_UNROLL], b[XBN_UNROLL];
+        for (int i = (int)threadIdx.x; i < parts; i += XBN_MERGE_LOADS * (int)blockDim.x) {
+            acc_t a[XBN_MERGE_LOADS], b[XBN_MERGE_LOADS];
 #pragma unroll
-            for (int u = 0; u < XBN_UNROLL; ++u) {
+            for (int u = 0; u < XBN_MERGE_LOADS; ++u) {
                 const int j = i + u * (int)blockDim.x;
                 a[u] = j < parts ? xbn_ld_cg(ws_dy + c * parts + j) : (acc_t)0;
                 b[u] = j < parts ? xbn_ld_cg(ws_dy_xmu + c * parts + j) : (acc_t)0;
             }
 #pragma unroll
-            for (int u = 0; u < XBN_UNROLL; ++u) {
+            for (int u = 0; u < XBN_MERGE_LOADS; ++u) {
                 if (i + u * (int)blockDim.x < parts) {
                     s_dy += a[u];
                     s_dy_xmu += b[u];
@@ -139,7 +135,7 @@ __device__ __forceinline__ void xbn_backward_reduce_ncl(
         }
         xbn_block_sum2(s_dy, s_dy_xmu);
     }
-    if (threadIdx.x == 0 && active) out(c, s_dy, s_dy_xmu);
+    if (threadIdx.x == 0) out(c, s_dy, s_dy_xmu);
 }
 
 // Sum the (TX, TY) threads' W-channel pairs down the y axis in a fixed tree; the result for
@@ -233,17 +229,17 @@ __device__ __forceinline__ void xbn_backward_reduce_nlc(
         }
         if (!xbn_arrive_last(counters + blockIdx.x, (unsigned int)parts)) return;
 
-        // As in the channel-major kernel: slot order, one round of loads per thread.
+        // As in the channel-major kernel: slot order, rounds of XBN_MERGE_LOADS loads.
 #pragma unroll
         for (int w = 0; w < W; ++w) {
             s_dy[w] = 0;
             s_dy_xmu[w] = 0;
         }
         const int merged = active ? parts : 0;
-        for (int i = ty; i < merged; i += XBN_UNROLL * tys) {
-            acc_t a[XBN_UNROLL][W], b[XBN_UNROLL][W];
+        for (int i = ty; i < merged; i += XBN_MERGE_LOADS * tys) {
+            acc_t a[XBN_MERGE_LOADS][W], b[XBN_MERGE_LOADS][W];
 #pragma unroll
-            for (int u = 0; u < XBN_UNROLL; ++u) {
+            for (int u = 0; u < XBN_MERGE_LOADS; ++u) {
                 const int j = i + u * tys;
                 const int slot = j * cvs + cv;
 #pragma unroll
@@ -253,7 +249,7 @@ __device__ __forceinline__ void xbn_backward_reduce_nlc(
                 }
             }
 #pragma unroll
-            for (int u = 0; u < XBN_UNROLL; ++u) {
+            for (int u = 0; u < XBN_MERGE_LOADS; ++u) {
                 if (i + u * tys < parts) {
 #pragma unroll
                     for (int w = 0; w < W; ++w) {

@@ -4,10 +4,11 @@
 //                         from weight, bias and the running statistics (an eval-mode forward
 //                         in one launch: xbn.functional.batch_norm_inference)
 //   xbn_backward_apply_*  dx = dy * k_dy + (x - mean) * k_xmu + k_const
-// Layouts and launch shapes as the reductions: *_ncl_* grid (ceil(C / CB), parts) over
-// (N, C, S) with a channel fixed per row of threads, *_nlc_* grid (ceil(C / W / TX), parts)
-// over (R, C) with each thread owning W channels for all of its rows; the coefficients are
-// loaded (or computed) once per thread. Outputs must not alias inputs (__restrict__).
+// Layouts and launch shapes as the reductions: *_ncl_* grid (C, parts) over (N, C, S) with the
+// channel fixed per block (inference: grid (ceil(C / CB), parts), a channel per row of CB rows
+// of threads), *_nlc_* grid (ceil(C / W / TX), parts) over (R, C) with each thread owning W
+// channels for all of its rows; the coefficients are loaded (or computed) once per thread.
+// Outputs must not alias inputs (__restrict__).
 
 #include "xbn_common.cuh"
 
@@ -46,13 +47,17 @@ struct xbn_eval_coefficients {
     }
 };
 
-template <int W, class Coef>
+// Packed: a channel per row of threads, c = blockIdx.x * blockDim.y + threadIdx.y, for the
+// inference kernel, which the planner gives several channels a block where a channel needs
+// fewer than XBN_MAX_THREADS threads (small N * S: an eval batch of a late layer). The other
+// kernels keep c = blockIdx.x: the packed form costs them 8 registers, and residency with them.
+template <int W, bool Packed, class Coef>
 __device__ __forceinline__ void xbn_scale_shift_ncl(const xbn_t* __restrict__ x,
                                                     const Coef& coef, xbn_t* __restrict__ y,
                                                     int n_outer, int channels, int sv,
                                                     int chunk) {
-    const int c = (int)(blockIdx.x * blockDim.y + threadIdx.y);
-    if (c >= channels) return;  // no barriers in this kernel
+    const int c = Packed ? (int)(blockIdx.x * blockDim.y + threadIdx.y) : (int)blockIdx.x;
+    if (Packed && c >= channels) return;  // no barriers in this kernel
     const int mv = n_outer * sv;
     const int begin = (int)blockIdx.y * chunk;
     const int end = min(begin + chunk, mv);
@@ -98,8 +103,7 @@ __device__ __forceinline__ void xbn_backward_apply_ncl(
     const acc_t* __restrict__ k_dy, const acc_t* __restrict__ k_xmu,
     const acc_t* __restrict__ k_const, xbn_t* __restrict__ dx, int n_outer, int channels, int sv,
     int chunk) {
-    const int c = (int)(blockIdx.x * blockDim.y + threadIdx.y);
-    if (c >= channels) return;  // no barriers in this kernel
+    const int c = blockIdx.x;
     const int mv = n_outer * sv;
     const int begin = (int)blockIdx.y * chunk;
     const int end = min(begin + chunk, mv);
@@ -237,8 +241,8 @@ __device__ __forceinline__ void xbn_backward_apply_nlc(
         const xbn_t* __restrict__ x, const acc_t* __restrict__ scale,                           \
         const acc_t* __restrict__ shift, int has_shift, xbn_t* __restrict__ y, int n_outer,     \
         int channels, int sv, int chunk) {                                                      \
-        xbn_scale_shift_ncl<W>(x, xbn_given_coefficients{scale, shift, has_shift}, y, n_outer,  \
-                               channels, sv, chunk);                                            \
+        xbn_scale_shift_ncl<W, false>(x, xbn_given_coefficients{scale, shift, has_shift}, y,     \
+                                      n_outer, channels, sv, chunk);                            \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(XBN_MAX_THREADS) xbn_scale_shift_nlc_##SUFFIX( \
         const xbn_t* __restrict__ x, const acc_t* __restrict__ scale,                           \
@@ -252,7 +256,7 @@ __device__ __forceinline__ void xbn_backward_apply_nlc(
         const void* __restrict__ bias, const void* __restrict__ running_mean,                   \
         const void* __restrict__ running_var, xbn_t* __restrict__ y, double eps, int flags,     \
         int n_outer, int channels, int sv, int chunk) {                                         \
-        xbn_scale_shift_ncl<W>(                                                                 \
+        xbn_scale_shift_ncl<W, true>(                                                           \
             x, xbn_eval_coefficients{weight, bias, running_mean, running_var, eps, flags}, y,   \
             n_outer, channels, sv, chunk);                                                      \
     }                                                                                           \

@@ -7,27 +7,20 @@
 // exactly 0 as variance, and a large common offset costs the statistics no digits.
 //
 // Entry points (_v1: scalar loads; _v2/_v4/_v8: W-element vectors of 8 or 16 bytes):
-//   xbn_stats_ncl_v*        channel-major (N, C, S); grid (ceil(C / CB), parts), block
-//                           (threads, CB, 1): CB channels per block, one per row of threads
+//   xbn_stats_ncl_v*        channel-major (N, C, S); grid (C, parts), block (threads, 1, 1)
 //   xbn_stats_nlc_v*        channels-last (R, C); grid (ceil(C / W / TX), parts), block (TX, TY)
 //   xbn_stats_fused_ncl_v*  the same launches, and the thread that finishes a channel goes on
 //   xbn_stats_fused_nlc_v*  with the per-channel work of a training forward (xbn_forward_out):
 //                           invstd, the (scale, shift) of y = x * scale + shift, and the new
 //                           running statistics, so a forward is this launch and scale_shift.
 // Workspace (only when parts > 1): partial means, M2 and counts, C * parts each, and one
-// zeroed unsigned counter per column of blocks (blockIdx.x), which wraps back to zero by itself.
+// zeroed unsigned counter per channel (ncl) or per column of blocks (nlc), which wraps back to
+// zero by itself.
 
 #include "xbn_common.cuh"
 
-// Partials a thread of the channel-major last block loads at once before merging them. Half
-// as many for float64: each Chan merge calls double division's slow path, across which four
-// slots of loads do not stay in registers (ptxas spills them on sm_90); C < 4 needs a second
-// round then (a split channel-major reduction has at most a wave of blocks, wave / C parts).
-#if defined(XBN_DTYPE_F64)
-#define XBN_STATS_MERGE (XBN_UNROLL / 2)
-#else
-#define XBN_STATS_MERGE XBN_UNROLL
-#endif
+// Slots a channels-last last-block thread loads before merging them (why one: xbn_stats_nlc).
+#define XBN_NLC_MERGE_LOADS 1
 
 // Statistics of the first k of XBN_UNROLL loaded vectors, shifted by `first`, merged into
 // (mean, m2, n).
@@ -146,18 +139,16 @@ __device__ __forceinline__ void xbn_stats_ncl(const xbn_t* __restrict__ x,
                                               unsigned int* __restrict__ counters,
                                               int n_outer, int channels, int sv, int chunk,
                                               const Out& out) {
-    const int c = (int)(blockIdx.x * blockDim.y + threadIdx.y);
-    const bool active = c < channels;  // a row past the last channel still meets the barriers
+    const int c = blockIdx.x;
     const int part = blockIdx.y;
     const int parts = gridDim.y;
     const int mv = n_outer * sv;
     const int begin = part * chunk;
-    const int end = active ? min(begin + chunk, mv) : begin;
+    const int end = min(begin + chunk, mv);
     const int csv = channels * sv;
-    const int cc = active ? c : 0;
-    const xbn_vec<W>* xc = reinterpret_cast<const xbn_vec<W>*>(x) + cc * sv;
+    const xbn_vec<W>* xc = reinterpret_cast<const xbn_vec<W>*>(x) + c * sv;
     // the channel's value at n = 0, s = 0
-    const acc_t first = xbn_shift_of(xbn_load_acc(x[cc * sv * W]));
+    const acc_t first = xbn_shift_of(xbn_load_acc(x[c * sv * W]));
 
     acc_t mean = 0, m2 = 0;
     int n = 0;
@@ -180,27 +171,27 @@ __device__ __forceinline__ void xbn_stats_ncl(const xbn_t* __restrict__ x,
 
     xbn_block_welford(mean, m2, n);
     if (parts > 1) {
-        if (threadIdx.x == 0 && active) {
+        if (threadIdx.x == 0) {
             const int slot = c * parts + part;
             ws_mean[slot] = mean;
             ws_m2[slot] = m2;
             ws_n[slot] = n;
             __threadfence();
         }
-        if (!xbn_arrive_last(counters + blockIdx.x, (unsigned int)parts)) return;
+        if (!xbn_arrive_last(counters + c, (unsigned int)parts)) return;
 
         // The last block: each thread's slots in slice order, then the fixed block tree. The
-        // loads of XBN_STATS_MERGE slots are all issued before the first merge, and the planner
-        // keeps parts <= XBN_UNROLL * blockDim.x: one round trip to L2, not one per slot.
+        // loads of XBN_MERGE_LOADS slots are issued before the first of their merges, and the
+        // planner keeps parts <= XBN_UNROLL * blockDim.x: two round trips to L2 at most, not
+        // one per slot.
         mean = 0;
         m2 = 0;
         n = 0;
-        const int merged = active ? parts : 0;
-        for (int i = (int)threadIdx.x; i < merged; i += XBN_STATS_MERGE * (int)blockDim.x) {
-            acc_t mean_b[XBN_STATS_MERGE], m2_b[XBN_STATS_MERGE];
-            int n_b[XBN_STATS_MERGE];
+        for (int i = (int)threadIdx.x; i < parts; i += XBN_MERGE_LOADS * (int)blockDim.x) {
+            acc_t mean_b[XBN_MERGE_LOADS], m2_b[XBN_MERGE_LOADS];
+            int n_b[XBN_MERGE_LOADS];
 #pragma unroll
-            for (int u = 0; u < XBN_STATS_MERGE; ++u) {
+            for (int u = 0; u < XBN_MERGE_LOADS; ++u) {
                 const int j = i + u * (int)blockDim.x;
                 mean_b[u] = 0;
                 m2_b[u] = 0;
@@ -213,13 +204,13 @@ __device__ __forceinline__ void xbn_stats_ncl(const xbn_t* __restrict__ x,
                 }
             }
 #pragma unroll
-            for (int u = 0; u < XBN_STATS_MERGE; ++u) {
+            for (int u = 0; u < XBN_MERGE_LOADS; ++u) {
                 xbn_chan_merge(mean, m2, n, mean_b[u], m2_b[u], n_b[u]);
             }
         }
         xbn_block_welford(mean, m2, n);
     }
-    if (threadIdx.x == 0 && active) out(c, first + mean, m2, n);
+    if (threadIdx.x == 0) out(c, first + mean, m2, n);
 }
 
 // Merge the (TX, TY) threads' states down the y axis of the block, in a fixed tree: the result
@@ -346,8 +337,10 @@ __device__ __forceinline__ void xbn_stats_nlc(const xbn_t* __restrict__ x,
         }
         if (!xbn_arrive_last(counters + blockIdx.x, (unsigned int)parts)) return;
 
-        // Each thread's slots in slice order, then the fixed column tree; as in the
-        // channel-major kernel, one round of loads (parts <= XBN_UNROLL * TY by the planner).
+        // Each thread's slots in slice order, then the fixed column tree. A slot's 2W + 1 loads
+        // are issued together; slots one after another (at most XBN_UNROLL a thread, parts <=
+        // XBN_UNROLL * TY by the planner): hoisting two slots' would hold 4W + 2 values and
+        // cost the whole kernel residency (with W = 8, 103 registers instead of 80).
 #pragma unroll
         for (int w = 0; w < W; ++w) {
             mean[w] = 0;
@@ -355,11 +348,11 @@ __device__ __forceinline__ void xbn_stats_nlc(const xbn_t* __restrict__ x,
         }
         n = 0;
         const int merged = active ? parts : 0;
-        for (int i = ty; i < merged; i += XBN_UNROLL * tys) {
-            acc_t mean_b[XBN_UNROLL][W], m2_b[XBN_UNROLL][W];
-            int n_b[XBN_UNROLL];
+        for (int i = ty; i < merged; i += XBN_NLC_MERGE_LOADS * tys) {
+            acc_t mean_b[XBN_NLC_MERGE_LOADS][W], m2_b[XBN_NLC_MERGE_LOADS][W];
+            int n_b[XBN_NLC_MERGE_LOADS];
 #pragma unroll
-            for (int u = 0; u < XBN_UNROLL; ++u) {
+            for (int u = 0; u < XBN_NLC_MERGE_LOADS; ++u) {
                 const int j = i + u * tys;
                 const int slot = j * cvs + cv;
                 n_b[u] = j < parts ? xbn_ld_cg(ws_n + slot) : 0;
@@ -370,7 +363,7 @@ __device__ __forceinline__ void xbn_stats_nlc(const xbn_t* __restrict__ x,
                 }
             }
 #pragma unroll
-            for (int u = 0; u < XBN_UNROLL; ++u) {
+            for (int u = 0; u < XBN_NLC_MERGE_LOADS; ++u) {
                 xbn_chan_merge_shared<W>(mean, m2, n, mean_b[u], m2_b[u], n_b[u]);
             }
         }

@@ -21,13 +21,13 @@ What the kernels take, and what goes to the generic :mod:`xbn.functional` path i
 * Anything that is not a ``cupy.ndarray`` (or sits on another device than ``x``) falls back.
 
 Launch shapes (:mod:`xbn.kernels._launch` plans them, in plain Python): the channel-major
-family runs grid (ceil(C / CB), parts) with 32-256 threads per channel, each row of a block
-walking a contiguous slice of one channel's N*S values (CB > 1 channels a block where a channel
-needs fewer than 256 threads); ``parts`` splits a channel only as far as one full wave of the
-GPU needs (small C, large N*S). The channels-last family runs blocks of (TX, TY) threads, TX
+family runs grid (C, parts) with 32-256 threads per block, each block walking a contiguous
+slice of one channel's N*S values (the inference kernel holds several channels a block, one per
+row of threads, where a channel needs fewer than 256 threads); ``parts`` splits a channel only
+as far as one full wave of the GPU needs (small C, large N*S). The channels-last family runs blocks of (TX, TY) threads, TX
 across channels (each thread owning 1 or W channels), TY across rows, and splits rows over
 ``parts`` blocks, with TX narrowed for a reduction so that the last block merges at most four
-partials per thread, loaded at once. Loads are 16 bytes wide (float4, double2, 8 halves) when every pointer is
+partials per thread. Loads are 16 bytes wide (float4, double2, 8 halves) when every pointer is
 16-byte aligned and S (or C, channels-last) is a multiple of the width, else 8 bytes wide
 (float2, 4 halves; 14x14 float16 planes) under the same conditions, else scalar.
 

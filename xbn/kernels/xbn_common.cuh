@@ -33,6 +33,11 @@ typedef float acc_t;
 // Independent vector loads each thread issues before it uses any of them (memory-level
 // parallelism); the host's chunk sizes are planned with the same number.
 #define XBN_UNROLL 4
+// Partial slots a thread of a split reduction's last block loads before it merges them. The
+// planner gives each thread at most XBN_UNROLL slots, so two rounds of loads at most; four at
+// once would hold up to 4 * (2W + 1) values and raise the whole kernel's register count past
+// its main loop's (fewer blocks resident for a merge that only the last block runs).
+#define XBN_MERGE_LOADS 2
 // Each kernel is instantiated for W = 1 and for the vector widths of 8 and 16 bytes (W > 1),
 // named by W: _v1, _v2, _v4 for float32, _v1, _v2 for float64, _v1, _v4, _v8 for 16-bit types.
 // M(SUFFIX, W) defines the entry points of one width. (xbn/kernels/_launch.py: WIDTHS.)
@@ -195,11 +200,9 @@ __device__ __forceinline__ void xbn_chan_merge_shared(acc_t (&mean)[W], acc_t (&
 }
 
 // ---------------------------------------------------------------------------------------------
-// Deterministic reductions over each row of a block (blockDim.x a multiple of 32, blockDim.x *
-// blockDim.y at most XBN_MAX_THREADS; the channel-major kernels give each row a channel of its
-// own): a fixed shuffle tree per warp, then the row's warp 0 over the row's warps in warp
-// order. The result is in thread (0, y). Every thread of the block must call these (barriers
-// inside). A row's result does not depend on how many rows the block has.
+// Deterministic reductions over a 1-D block (blockDim.x a multiple of 32, at most
+// XBN_MAX_THREADS): a fixed shuffle tree per warp, then warp 0 over the warps' results in warp
+// order. The result is in thread 0. Every thread of the block must call these (barriers inside).
 
 __device__ __forceinline__ void xbn_warp_welford(acc_t& mean, acc_t& m2, int& n) {
 #pragma unroll
@@ -217,21 +220,20 @@ __device__ __forceinline__ void xbn_block_welford(acc_t& mean, acc_t& m2, int& n
     __shared__ int s_n[XBN_MAX_THREADS / 32];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    const int warps = blockDim.x >> 5;  // per row
-    const int row = (int)threadIdx.y * warps;
+    const int warps = blockDim.x >> 5;
     xbn_warp_welford(mean, m2, n);
     __syncthreads();  // a previous call may still be reading the tiles
     if (lane == 0) {
-        s_mean[row + warp] = mean;
-        s_m2[row + warp] = m2;
-        s_n[row + warp] = n;
+        s_mean[warp] = mean;
+        s_m2[warp] = m2;
+        s_n[warp] = n;
     }
     __syncthreads();
     if (warp == 0) {
         if (lane < warps) {
-            mean = s_mean[row + lane];
-            m2 = s_m2[row + lane];
-            n = s_n[row + lane];
+            mean = s_mean[lane];
+            m2 = s_m2[lane];
+            n = s_n[lane];
         } else {
             mean = 0;
             m2 = 0;
@@ -254,18 +256,17 @@ __device__ __forceinline__ void xbn_block_sum2(acc_t& a, acc_t& b) {
     __shared__ acc_t s_b[XBN_MAX_THREADS / 32];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    const int warps = blockDim.x >> 5;  // per row
-    const int row = (int)threadIdx.y * warps;
+    const int warps = blockDim.x >> 5;
     xbn_warp_sum2(a, b);
     __syncthreads();
     if (lane == 0) {
-        s_a[row + warp] = a;
-        s_b[row + warp] = b;
+        s_a[warp] = a;
+        s_b[warp] = b;
     }
     __syncthreads();
     if (warp == 0) {
-        a = lane < warps ? s_a[row + lane] : (acc_t)0;
-        b = lane < warps ? s_b[row + lane] : (acc_t)0;
+        a = lane < warps ? s_a[lane] : (acc_t)0;
+        b = lane < warps ? s_b[lane] : (acc_t)0;
         xbn_warp_sum2(a, b);
     }
 }
@@ -291,12 +292,9 @@ __device__ __forceinline__ bool xbn_arrive_last(unsigned int* counter, unsigned 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Walk of the channel-major layout (N, C, S) in vector units. Each row of a block has a channel
-// of its own, c = blockIdx.x * blockDim.y + threadIdx.y (rows are several only where a channel
-// needs fewer than XBN_MAX_THREADS threads: fewer blocks, each full), and blockIdx.y is the
-// slice. A channel's values are numbered m = n * Sv + s (Sv = S / W vectors per plane), its
-// vector m lives at n * C * Sv + c * Sv + s. A thread visits m, m + step, m + 2 step, ... and
-// keeps (n, s) by carrying instead of dividing.
+// Walk of the channel-major layout (N, C, S) in vector units: a channel's values are numbered
+// m = n * Sv + s (Sv = S / W vectors per plane), its vector m lives at n * C * Sv + c * Sv + s.
+// A thread visits m, m + step, m + 2 step, ... and keeps (n, s) by carrying instead of dividing.
 
 struct xbn_ncl_walk {
     int n;
