@@ -30,3 +30,20 @@ def test_quick_run_writes_table_json_and_plot(tmp_path):
 def test_shape_argument():
     assert cpu._parse_shape("32x56x56x64:-1") == ((32, 56, 56, 64), -1, "NHWC")
     assert cpu._parse_shape("4096x1024") == ((4096, 1024), 1, "NC")
+
+
+def test_each_implementation_runs_in_a_process_of_its_own(tmp_path):
+    """numba's thread pool slows torch in a process where it has run: no two implementations,
+    and none of them and the driver, share a process."""
+    import os
+
+    # torch's process is started the same way as the others, and its import alone takes seconds
+    args = ["--quick", "--rounds", "2", "--threads", "1", "--shapes", "16x4x8x8", "--no-plot", "--no-torch",
+            "--out", str(tmp_path)]
+    assert cpu.main(args) == 0
+    (r,) = json.loads((tmp_path / "cpu.json").read_text())["results"]
+    pids = [p["pid"] for p in r["processes"]]
+    assert len(set(pids)) == len(pids) and os.getpid() not in pids
+    impls = {p["impl"] for p in r["processes"]}
+    assert {"xbn", "naive"} <= impls and len(r["processes"]) == 2 * len(impls)
+    assert r["rounds"] == 2 and set(r["median_warm_s"]) == set(r["median_cold_s"]) == set(r["median_s"])

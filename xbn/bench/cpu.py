@@ -3,8 +3,8 @@
 For each shape and thread count, each implementation is timed in fresh processes of its own,
 one per round, the processes alternating (A B C A B C ..., the order rotated each round) so
 that the load of a shared machine falls on all of them alike; medians and ratios are reported.
-One process for all of them would not do: once numba's thread pool has run, torch's kernels in
-the same process run 5-10x slower. Every process times its implementation warm (calls back to
+One process for all of them would not do: torch's kernels have been seen running 5-10x slower
+in a process where numba's thread pool had run. Every process times its implementation warm (calls back to
 back) and cold (a cache-flushing copy before every timed call); both are kept:
 
 * ``xbn``: ``xbn.BatchNorm(..., backend="numpy")`` forward then ``backward`` (the fast paths of
@@ -370,10 +370,10 @@ def _set_threads(threads: int, with_torch: bool) -> None:
 
 
 # -- one process per implementation ---------------------------------------------------------
-# numba's thread pool, once it has run, slows torch's kernels in the same process 5-10x (and
-# its OpenMP layer resets torch's thread count), and two libraries' pools on 2 cores compete
-# for them even when idle-spinning: timing both in one process flatters whichever runs second
-# less. Each implementation is therefore timed in a fresh process of its own, the processes
+# torch's kernels have been seen running 5-10x slower in a process where numba's thread pool
+# had run (and numba's OpenMP layer resets torch's thread count); two libraries' pools on 2
+# cores also compete for them while spinning idle. No process is shared, so neither can
+# disturb the other. Each implementation is therefore timed in a fresh process of its own, the processes
 # alternating A B C A B C ... so that a change in machine load falls on all of them alike.
 
 #: worker process: which implementations it times together (torch's two routes share one)
@@ -393,7 +393,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         kn.set_engine("numpy" if impl == "xbn_passes" else spec["engine"])
     _set_threads(threads, with_torch)
     copy = Copy(threads, spec["copy_bytes"])
-    out: dict[str, Any] = {"load_before": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    out: dict[str, Any] = {"pid": os.getpid(), "load_before": os.getloadavg() if hasattr(os, "getloadavg") else None}
     with _blas_limit(threads):
         cases = _make_cases(shape, axis, with_torch, with_passes=impl == "xbn_passes", only=frozenset(_GROUPS[impl]))
         for mode in ("warm", "cold"):
@@ -722,12 +722,14 @@ def main(argv: list[str] | None = None) -> int:
             raw: dict[str, dict[str, dict[str, list[float]]]] = {}
             bw_samples: list[float] = []
             loads: list[float] = []
+            procs: list[dict[str, Any]] = []
             for rnd in range(rounds):
                 # rotated each round, so that no implementation always follows the same one
                 order = impls[rnd % len(impls):] + impls[: rnd % len(impls)]
                 for impl in order:
                     res = _run_worker({"impl": impl, "shape": list(shape), "axis": axis, "threads": threads,
                                        "repeats": per_round, "warmup": 2, "copy_bytes": copy_bytes, "engine": args.engine})
+                    procs.append({"impl": impl, "round": rnd, "pid": res.get("pid")})
                     bw_samples += res["bandwidth"]
                     loads += [ld[0] for ld in (res["load_before"], res["load_after"]) if ld]
                     if res.get("threading_layer"):
@@ -748,7 +750,8 @@ def main(argv: list[str] | None = None) -> int:
                 # a small input lives in cache between the layers of a network: judged warm
                 "primary": "warm" if small else "cold",
                 "median_s": med["warm" if small else "cold"], "median_warm_s": med["warm"], "median_cold_s": med["cold"],
-                "floor_s": floor, "loadavg_1min": [min(loads), max(loads)] if loads else None, "times_s": raw,
+                "floor_s": floor, "loadavg_1min": [min(loads), max(loads)] if loads else None, "processes": procs,
+                "times_s": raw,
             }
             results.append(r)
             m = r["median_s"]
