@@ -120,6 +120,9 @@ def batch_stats(x: Array, /, *, axis: int, xp: ModuleType | None = None) -> tupl
     axes = reduction_axes(x.ndim, axis)
     if values_per_channel(tuple(x.shape), axis) > 0:
         first = xc[tuple(slice(None) if a == axis else 0 for a in range(x.ndim))]
+        # An infinite first value would make every shifted value inf - inf = NaN, where torch's
+        # mean is that infinity: such a channel is shifted by 0 instead.
+        first = xp.where(xp.isfinite(first), first, xp.zeros_like(first))
         mean = first + xp.mean(xc - per_channel(first, x.ndim, axis, xp=xp), axis=axes)
     else:
         mean = xp.mean(xc, axis=axes)
