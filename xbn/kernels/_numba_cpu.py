@@ -333,6 +333,18 @@ def chan_merge(ctr, d, q, n, count, mean, var):  # pragma: no cover - compiled
     P, C = ctr.shape
     wide = n.shape[1] > 1
     finite = True
+    if P == 1 and not wide:  # one block of rows (a wide input): the loop below, for P = 1
+        k = n[0, 0]
+        for c in range(C):
+            dn = d[0, c] / k
+            mean[c] = ctr[0, c] + dn
+            m2 = q[0, c] - d[0, c] * dn
+            if m2 < 0.0:
+                m2 = 0.0
+            var[c] = m2 / count
+            # x - x is 0 for finite x and NaN for inf or NaN: no call per channel
+            finite = finite and mean[c] - mean[c] == 0.0 and var[c] - var[c] == 0.0
+        return finite
     for c in range(C):
         ref = 0.0
         found = False
@@ -358,7 +370,7 @@ def chan_merge(ctr, d, q, n, count, mean, var):  # pragma: no cover - compiled
         if m2 < 0.0:  # rounding only; NaN (from inf or NaN input) is kept
             m2 = 0.0
         var[c] = m2 / count
-        finite = finite and np.isfinite(mean[c]) and np.isfinite(var[c])
+        finite = finite and mean[c] - mean[c] == 0.0 and var[c] - var[c] == 0.0
     return finite
 
 
