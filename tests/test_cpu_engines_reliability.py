@@ -342,8 +342,6 @@ NONFINITE = {
     "nan": [[1.0, 2.0], [np.nan, 3.0], [0.0, 4.0]],
     "nan-first": [[np.nan, 2.0], [1.0, 3.0], [0.0, 4.0]],
 }
-# the generic path shifts by each channel's first value: inf - inf = NaN where torch has +-inf
-# (xbn.functional.batch_stats would need a fallback for a non-finite mean)
 
 
 def _torch_step(x, dy, channels_last):
@@ -450,11 +448,12 @@ def test_overflowing_shifted_sums_fall_back_to_float64(engine):
         kn._engine = before
 
 
-def test_generic_path_reference_statistics_for_nonfinite():
-    """What xbn.functional gives today for a non-finite channel (documented in the report:
-    a first value of +-inf makes its mean NaN)."""
-    x = np.array(NONFINITE["inf"], np.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        mean, var = F.batch_stats(x, axis=1)
-    assert mean[0] == np.inf and np.isnan(var[0])
+def test_generic_statistics_of_an_infinite_first_value():
+    """The generic path, which the fast paths fall back to, agrees with them on a channel
+    whose first value is infinite."""
+    for name, want in (("inf-first", np.inf), ("-inf-first", -np.inf)):
+        x = np.array(NONFINITE[name], np.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # NumPy's, from x - mean
+            mean, var = F.batch_stats(x, axis=1)
+        assert mean[0] == want and np.isnan(var[0])
