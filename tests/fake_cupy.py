@@ -48,7 +48,7 @@ class _Pointer:
 
 
 class Device:
-    def __init__(self, id: int = 0) -> None:  # noqa: A002 (CuPy's name)
+    def __init__(self, id: int = 0) -> None:
         self.id = int(id)
         self.attributes = {"MultiProcessorCount": SM_COUNT, "MaxThreadsPerMultiProcessor": 2048}
 
@@ -68,7 +68,7 @@ class Device:
         return False
 
 
-class ndarray(np.ndarray):  # noqa: N801 (CuPy's name)
+class ndarray(np.ndarray):
     """A NumPy array with CuPy's .data.ptr and .device."""
 
     @property
@@ -86,7 +86,7 @@ def _alloc(shape: Any, dtype: Any) -> ndarray:
     n = int(np.prod(shape, dtype=np.int64)) if np.ndim(shape) else int(shape)
     raw = np.empty(n * dt.itemsize + 256, dtype=np.uint8)
     skip = (-raw.__array_interface__["data"][0]) % 256
-    return raw[skip: skip + n * dt.itemsize].view(dt).reshape(shape).view(ndarray)
+    return raw[skip : skip + n * dt.itemsize].view(dt).reshape(shape).view(ndarray)
 
 
 def asarray(a: Any, dtype: Any = None) -> ndarray:
@@ -136,19 +136,21 @@ class _Kernel:
         scalars = [a for a in args if not isinstance(a, np.ndarray)]
         for a in scalars:
             # CuPy passes NumPy scalars by value in their own dtype, Python ones as 64-bit
-            assert isinstance(a, (np.int32, np.float64)), \
+            assert isinstance(a, (np.int32, np.float64)), (
                 f"kernel scalar arguments must be int32 or float64, got {type(a)}"
+            )
         ints = [int(a) for a in scalars if isinstance(a, np.int32)]
         doubles = [float(a) for a in scalars if isinstance(a, np.float64)]
         before = [np.array(a, copy=True) for a in arrays]
-        after = hk.run_raw(self.key, self.name, grid, block, arrays, ints, doubles=doubles,
-                           seed=seed)
+        after = hk.run_raw(self.key, self.name, grid, block, arrays, ints, doubles=doubles, seed=seed)
         # An array passed twice (placeholders) must only be written through one of its aliases.
         written: dict[int, int] = {}
         for i, (a, old, new) in enumerate(zip(arrays, before, after)):
             if old.tobytes() != new.tobytes():
                 base = a.__array_interface__["data"][0]
-                assert base not in written, f"{self.name}: argument {i} aliases written argument {written.get(base)}"
+                assert base not in written, (
+                    f"{self.name}: argument {i} aliases written argument {written.get(base)}"
+                )
                 written[base] = i
                 np.copyto(a, new.reshape(a.shape))
 

@@ -30,8 +30,16 @@ from xbn.kernels import _launch
 HERE = Path(__file__).resolve().parent / "cuda_host"
 KERNELS = Path(_launch.__file__).resolve().parent
 FLAGS = (
-    "-std=c++20", "-O1", "-g", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-ffp-contract=off",
-    "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer",
+    "-std=c++20",
+    "-O1",
+    "-g",
+    "-pthread",
+    "-Wall",
+    "-Wno-unknown-pragmas",
+    "-ffp-contract=off",
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=undefined",
+    "-fno-omit-frame-pointer",
 )
 #: Made-up device: 8 SMs of 512 resident threads, so a wave is 16 blocks of 256.
 SM_COUNT = 8
@@ -46,15 +54,16 @@ def compiler() -> str | None:
     return cxx if _probe(cxx) else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(cxx: str) -> bool:
     src = "#include <barrier>\nint main(){ _Float16 h = (_Float16)1.5f; return (int)(float)h - 1; }\n"
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "probe.cpp"
         path.write_text(src)
         try:
-            r = subprocess.run([cxx, *FLAGS, str(path), "-o", str(Path(d) / "probe")],
-                               capture_output=True, timeout=120)
+            r = subprocess.run(
+                [cxx, *FLAGS, str(path), "-o", str(Path(d) / "probe")], capture_output=True, timeout=120
+            )
             if r.returncode != 0:
                 return False
             return subprocess.run([str(Path(d) / "probe")], timeout=30).returncode == 0
@@ -71,7 +80,7 @@ def _fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def driver(key: str) -> Path:
     """The harness built for dtype ``key``, cached by the hash of every source it compiles."""
     cxx = compiler()
@@ -82,8 +91,16 @@ def driver(key: str) -> Path:
     exe = out_dir / f"driver_{key}"
     if not exe.exists():
         tmp = out_dir / f"driver_{key}.{os.getpid()}.tmp"
-        cmd = [cxx, *FLAGS, f"-DXBN_DTYPE_{key.upper()}", f"-I{KERNELS}", f"-I{HERE}",
-               str(HERE / "driver.cpp"), "-o", str(tmp)]
+        cmd = [
+            cxx,
+            *FLAGS,
+            f"-DXBN_DTYPE_{key.upper()}",
+            f"-I{KERNELS}",
+            f"-I{HERE}",
+            str(HERE / "driver.cpp"),
+            "-o",
+            str(tmp),
+        ]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if r.returncode != 0:
             raise RuntimeError(f"building the host harness failed:\n{r.stdout}\n{r.stderr}")
@@ -95,9 +112,18 @@ class HostRunError(AssertionError):
     """The harness reported a problem (divergent barrier, sanitizer error, bad launch)."""
 
 
-def run_raw(key: str, kernel: str, grid: tuple[int, ...], block: tuple[int, ...],
-            buffers: list[np.ndarray], ints: list[int], *, doubles: list[float] = (),
-            seed: int = 0, timeout: float = 300) -> list[np.ndarray]:
+def run_raw(
+    key: str,
+    kernel: str,
+    grid: tuple[int, ...],
+    block: tuple[int, ...],
+    buffers: list[np.ndarray],
+    ints: list[int],
+    *,
+    doubles: list[float] = (),
+    seed: int = 0,
+    timeout: float = 300,
+) -> list[np.ndarray]:
     """Launch ``kernel`` (compiled for dtype ``key``) with ``buffers`` as its pointer arguments,
     ``ints`` as its int arguments and ``doubles`` as its double arguments, each in order; return
     the buffers' contents afterwards."""
@@ -107,39 +133,71 @@ def run_raw(key: str, kernel: str, grid: tuple[int, ...], block: tuple[int, ...]
             path = Path(d) / f"buf{i}"
             np.ascontiguousarray(a).tofile(path)
             files.append(str(path))
-        cmd = [str(driver(key)), kernel, str(grid[0]), str(grid[1]), str(block[0]),
-               str(block[1]), str(seed), str(len(files)), *files, str(len(ints)),
-               *map(str, ints)]
+        cmd = [
+            str(driver(key)),
+            kernel,
+            str(grid[0]),
+            str(grid[1]),
+            str(block[0]),
+            str(block[1]),
+            str(seed),
+            str(len(files)),
+            *files,
+            str(len(ints)),
+            *map(str, ints),
+        ]
         if doubles:  # hexadecimal: every bit of each double reaches the kernel
             cmd += [str(len(doubles)), *(float(v).hex() for v in doubles)]
-        env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0",
-                   UBSAN_OPTIONS="print_stacktrace=1")
+        env = dict(
+            os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1"
+        )
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         except subprocess.TimeoutExpired as e:
-            raise HostRunError(f"{kernel} did not finish in {timeout} s (a deadlock: "
-                               f"threads waiting at different barriers?)") from e
+            raise HostRunError(
+                f"{kernel} did not finish in {timeout} s (a deadlock: threads waiting at different barriers?)"
+            ) from e
         if r.returncode != 0:
-            raise HostRunError(f"{kernel} grid={tuple(grid)} block={tuple(block)} ints={ints}: "
-                               f"exit {r.returncode}\n{r.stderr[-4000:]}")
+            raise HostRunError(
+                f"{kernel} grid={tuple(grid)} block={tuple(block)} ints={ints}: "
+                f"exit {r.returncode}\n{r.stderr[-4000:]}"
+            )
         return [np.fromfile(f, dtype=a.dtype).reshape(a.shape) for f, a in zip(files, buffers)]
 
 
-def run_kernel(key: str, plan: _launch.LaunchPlan, op: str, values: dict[str, Any],
-               *, seed: int = 0, timeout: float = 300) -> dict[str, np.ndarray]:
+def run_kernel(
+    key: str,
+    plan: _launch.LaunchPlan,
+    op: str,
+    values: dict[str, Any],
+    *,
+    seed: int = 0,
+    timeout: float = 300,
+) -> dict[str, np.ndarray]:
     """Launch ``plan`` in the harness with the arrays of ``values``; return them afterwards."""
     _launch.arguments(op, plan, values)  # checks the names
     names = _launch.ARGUMENTS[op]
     arrays = [n for n in names if isinstance(values[n], np.ndarray)]
     doubles = [float(values[n]) for n in names if isinstance(values[n], (float, np.floating))]
-    ints = [int(values[n]) for n in names
-            if n not in arrays and not isinstance(values[n], (float, np.floating))]
-    outs = run_raw(key, plan.kernel, plan.grid, plan.block, [values[n] for n in arrays],
-                   ints + list(plan.args), doubles=doubles, seed=seed, timeout=timeout)
+    ints = [
+        int(values[n]) for n in names if n not in arrays and not isinstance(values[n], (float, np.floating))
+    ]
+    outs = run_raw(
+        key,
+        plan.kernel,
+        plan.grid,
+        plan.block,
+        [values[n] for n in arrays],
+        ints + list(plan.args),
+        doubles=doubles,
+        seed=seed,
+        timeout=timeout,
+    )
     return dict(zip(arrays, outs))
 
 
 # -- dtypes -------------------------------------------------------------------------------------
+
 
 def to_storage(x: np.ndarray, name: str) -> np.ndarray:
     """float64 values as the kernels' storage for dtype ``name`` (bfloat16: uint16 bits, RNE)."""
@@ -170,8 +228,15 @@ def poison(shape: tuple[int, ...], name: str) -> np.ndarray:
 
 # -- the four ops, assembled as xbn.kernels.cupy assembles them ---------------------------------
 
-def _plan(op: str, layout: _launch.Layout, dtype: str, wide: bool,
-          sm_count: int, plan: _launch.LaunchPlan | None = None) -> _launch.LaunchPlan:
+
+def _plan(
+    op: str,
+    layout: _launch.Layout,
+    dtype: str,
+    wide: bool,
+    sm_count: int,
+    plan: _launch.LaunchPlan | None = None,
+) -> _launch.LaunchPlan:
     if plan is not None:  # a test's own launch shape, for the same kernel family
         assert plan.kernel.startswith(f"xbn_{op}_{layout.kind}_v"), (op, plan.kernel)
         return plan
@@ -197,69 +262,145 @@ def _check_workspace(plan: _launch.LaunchPlan, out: dict[str, np.ndarray]) -> No
         raise HostRunError(f"{plan.kernel}: touched the workspace with parts == 1")
 
 
-def batch_stats(x: np.ndarray, dtype: str, *, axis: int, wide: bool = True, seed: int = 0,
-                sm_count: int = SM_COUNT, plan: _launch.LaunchPlan | None = None):
+def batch_stats(
+    x: np.ndarray,
+    dtype: str,
+    *,
+    axis: int,
+    wide: bool = True,
+    seed: int = 0,
+    sm_count: int = SM_COUNT,
+    plan: _launch.LaunchPlan | None = None,
+):
     """(mean, var, plan) of ``x`` (storage array of ``dtype``) by the stats kernel."""
     layout = _launch.plan_layout(x.shape, axis, c_contiguous=True)
     key, acc = _launch.dtype_key(dtype), _launch.accumulator_dtype(dtype)
     plan = _plan("stats", layout, dtype, wide, sm_count, plan)
     c = layout.channels
     ws = _workspace(plan, acc)
-    values = {"x": x, "mean": poison((c,), acc), "var": poison((c,), acc),
-              "ws_n": np.full(max(plan.workspace, 1), -7, dtype=np.int32), **ws}
+    values = {
+        "x": x,
+        "mean": poison((c,), acc),
+        "var": poison((c,), acc),
+        "ws_n": np.full(max(plan.workspace, 1), -7, dtype=np.int32),
+        **ws,
+    }
     out = run_kernel(key, plan, "stats", values, seed=seed)
     _check_workspace(plan, out)
     return out["mean"], out["var"], plan
 
 
-def backward_reduce(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, dtype: str, *, axis: int,
-                    wide: bool = True, seed: int = 0, sm_count: int = SM_COUNT, plan=None):
+def backward_reduce(
+    dy: np.ndarray,
+    x: np.ndarray,
+    mean: np.ndarray,
+    dtype: str,
+    *,
+    axis: int,
+    wide: bool = True,
+    seed: int = 0,
+    sm_count: int = SM_COUNT,
+    plan=None,
+):
     layout = _launch.plan_layout(x.shape, axis, c_contiguous=True)
     key, acc = _launch.dtype_key(dtype), _launch.accumulator_dtype(dtype)
     plan = _plan("backward_reduce", layout, dtype, wide, sm_count, plan)
     c = layout.channels
-    values = {"dy": dy, "x": x, "mean": np.asarray(mean, dtype=acc),
-              "sum_dy": poison((c,), acc), "sum_dy_xmu": poison((c,), acc), **_workspace(plan, acc)}
+    values = {
+        "dy": dy,
+        "x": x,
+        "mean": np.asarray(mean, dtype=acc),
+        "sum_dy": poison((c,), acc),
+        "sum_dy_xmu": poison((c,), acc),
+        **_workspace(plan, acc),
+    }
     out = run_kernel(key, plan, "backward_reduce", values, seed=seed)
     _check_workspace(plan, out)
     return out["sum_dy"], out["sum_dy_xmu"], plan
 
 
-def scale_shift(x: np.ndarray, scale: np.ndarray, shift: np.ndarray | None, dtype: str, *,
-                axis: int, wide: bool = True, seed: int = 0, sm_count: int = SM_COUNT, plan=None):
+def scale_shift(
+    x: np.ndarray,
+    scale: np.ndarray,
+    shift: np.ndarray | None,
+    dtype: str,
+    *,
+    axis: int,
+    wide: bool = True,
+    seed: int = 0,
+    sm_count: int = SM_COUNT,
+    plan=None,
+):
     layout = _launch.plan_layout(x.shape, axis, c_contiguous=True)
     key, acc = _launch.dtype_key(dtype), _launch.accumulator_dtype(dtype)
     plan = _plan("scale_shift", layout, dtype, wide, sm_count, plan)
     scale = np.asarray(scale, dtype=acc)
-    values = {"x": x, "scale": scale,
-              "shift": np.asarray(shift, dtype=acc) if shift is not None else scale.copy(),
-              "has_shift": 0 if shift is None else 1, "y": poison(x.shape, dtype)}
+    values = {
+        "x": x,
+        "scale": scale,
+        "shift": np.asarray(shift, dtype=acc) if shift is not None else scale.copy(),
+        "has_shift": 0 if shift is None else 1,
+        "y": poison(x.shape, dtype),
+    }
     out = run_kernel(key, plan, "scale_shift", values, seed=seed)
     return out["y"], plan
 
 
-def backward_apply(dy: np.ndarray, x: np.ndarray, mean, k_dy, k_xmu, k_const, dtype: str, *,
-                   axis: int, wide: bool = True, seed: int = 0, sm_count: int = SM_COUNT, plan=None):
+def backward_apply(
+    dy: np.ndarray,
+    x: np.ndarray,
+    mean,
+    k_dy,
+    k_xmu,
+    k_const,
+    dtype: str,
+    *,
+    axis: int,
+    wide: bool = True,
+    seed: int = 0,
+    sm_count: int = SM_COUNT,
+    plan=None,
+):
     layout = _launch.plan_layout(x.shape, axis, c_contiguous=True)
     key, acc = _launch.dtype_key(dtype), _launch.accumulator_dtype(dtype)
     plan = _plan("backward_apply", layout, dtype, wide, sm_count, plan)
-    values = {"dy": dy, "x": x, "mean": np.asarray(mean, dtype=acc),
-              "k_dy": np.asarray(k_dy, dtype=acc), "k_xmu": np.asarray(k_xmu, dtype=acc),
-              "k_const": np.asarray(k_const, dtype=acc), "dx": poison(x.shape, dtype)}
+    values = {
+        "dy": dy,
+        "x": x,
+        "mean": np.asarray(mean, dtype=acc),
+        "k_dy": np.asarray(k_dy, dtype=acc),
+        "k_xmu": np.asarray(k_xmu, dtype=acc),
+        "k_const": np.asarray(k_const, dtype=acc),
+        "dx": poison(x.shape, dtype),
+    }
     out = run_kernel(key, plan, "backward_apply", values, seed=seed)
     return out["dx"], plan
 
 
 # -- the fused reductions of the whole-step ops -------------------------------------------------
 
+
 def _param(v: np.ndarray | None, dt: str, placeholder: np.ndarray) -> np.ndarray:
     return placeholder if v is None else np.asarray(v, dtype=dt)
 
 
-def stats_fused(x: np.ndarray, weight, bias, running_mean, running_var, dtype: str, *,
-                axis: int, eps: float = 1e-5, momentum: float = 0.1,
-                param_dtype: str = "float32", wide: bool = True, seed: int = 0,
-                sm_count: int = SM_COUNT, plan: _launch.LaunchPlan | None = None):
+def stats_fused(
+    x: np.ndarray,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    dtype: str,
+    *,
+    axis: int,
+    eps: float = 1e-5,
+    momentum: float = 0.1,
+    param_dtype: str = "float32",
+    wide: bool = True,
+    seed: int = 0,
+    sm_count: int = SM_COUNT,
+    plan: _launch.LaunchPlan | None = None,
+):
     """The fused statistics kernel (xbn_stats_fused_*) as the CuPy wrapper launches it:
     returns ({mean, inv, scale, shift, new_running_mean, new_running_var}, plan); the running
     outputs are None without running statistics. Absent vectors get placeholders that the
@@ -270,14 +411,19 @@ def stats_fused(x: np.ndarray, weight, bias, running_mean, running_var, dtype: s
     c = layout.channels
     running = running_mean is not None and running_var is not None
     sentinel = np.full(c, -123.0, dtype=param_dtype)  # stands in for every absent vector
-    flags = ((_launch.FLAG_HAS_WEIGHT if weight is not None else 0)
-             | (_launch.FLAG_HAS_BIAS if bias is not None else 0)
-             | (_launch.FLAG_HAS_RUNNING if running else 0)
-             | (_launch.FLAG_PARAMS_F64 if param_dtype == "float64" else 0))
+    flags = (
+        (_launch.FLAG_HAS_WEIGHT if weight is not None else 0)
+        | (_launch.FLAG_HAS_BIAS if bias is not None else 0)
+        | (_launch.FLAG_HAS_RUNNING if running else 0)
+        | (_launch.FLAG_PARAMS_F64 if param_dtype == "float64" else 0)
+    )
     count = layout.count
     values = {
-        "x": x, "mean": poison((c,), acc), "inv": poison((c,), acc),
-        "scale": poison((c,), acc), "shift": poison((c,), acc),
+        "x": x,
+        "mean": poison((c,), acc),
+        "inv": poison((c,), acc),
+        "scale": poison((c,), acc),
+        "shift": poison((c,), acc),
         "weight": _param(weight, param_dtype, sentinel.copy()),
         "bias": _param(bias, param_dtype, sentinel.copy()),
         "running_mean": _param(running_mean if running else None, param_dtype, sentinel.copy()),
@@ -307,30 +453,62 @@ def stats_fused(x: np.ndarray, weight, bias, running_mean, running_var, dtype: s
     return result, plan
 
 
-def backward_reduce_fused(dy: np.ndarray, x: np.ndarray, mean, inv, weight, dtype: str, *,
-                          axis: int, param_dtype: str = "float32", wide: bool = True,
-                          seed: int = 0, sm_count: int = SM_COUNT, plan: _launch.LaunchPlan | None = None):
+def backward_reduce_fused(
+    dy: np.ndarray,
+    x: np.ndarray,
+    mean,
+    inv,
+    weight,
+    dtype: str,
+    *,
+    axis: int,
+    param_dtype: str = "float32",
+    wide: bool = True,
+    seed: int = 0,
+    sm_count: int = SM_COUNT,
+    plan: _launch.LaunchPlan | None = None,
+):
     """The fused backward reduction (xbn_backward_reduce_fused_*): returns
     ({dgamma, dbeta, k_dy, k_xmu, k_const}, plan)."""
     layout = _launch.plan_layout(x.shape, axis, c_contiguous=True)
     key, acc = _launch.dtype_key(dtype), _launch.accumulator_dtype(dtype)
     plan = _plan("backward_reduce_fused", layout, dtype, wide, sm_count, plan)
     c = layout.channels
-    flags = ((_launch.FLAG_HAS_WEIGHT if weight is not None else 0)
-             | (_launch.FLAG_PARAMS_F64 if param_dtype == "float64" else 0))
+    flags = (_launch.FLAG_HAS_WEIGHT if weight is not None else 0) | (
+        _launch.FLAG_PARAMS_F64 if param_dtype == "float64" else 0
+    )
     names = ("dgamma", "dbeta", "k_dy", "k_xmu", "k_const")
-    values = {"dy": dy, "x": x, "mean": np.asarray(mean, dtype=acc),
-              "inv": np.asarray(inv, dtype=acc),
-              "weight": _param(weight, param_dtype, np.full(c, -123.0, dtype=param_dtype)),
-              **{n: poison((c,), acc) for n in names}, **_workspace(plan, acc), "flags": flags}
+    values = {
+        "dy": dy,
+        "x": x,
+        "mean": np.asarray(mean, dtype=acc),
+        "inv": np.asarray(inv, dtype=acc),
+        "weight": _param(weight, param_dtype, np.full(c, -123.0, dtype=param_dtype)),
+        **{n: poison((c,), acc) for n in names},
+        **_workspace(plan, acc),
+        "flags": flags,
+    }
     out = run_kernel(key, plan, "backward_reduce_fused", values, seed=seed)
     _check_workspace(plan, out)
     return {n: out[n] for n in names}, plan
 
 
-def inference(x: np.ndarray, weight, bias, running_mean, running_var, dtype: str, *, axis: int,
-              eps: float = 1e-5, param_dtype: str = "float32", wide: bool = True, seed: int = 0,
-              sm_count: int = SM_COUNT, plan: _launch.LaunchPlan | None = None):
+def inference(
+    x: np.ndarray,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    dtype: str,
+    *,
+    axis: int,
+    eps: float = 1e-5,
+    param_dtype: str = "float32",
+    wide: bool = True,
+    seed: int = 0,
+    sm_count: int = SM_COUNT,
+    plan: _launch.LaunchPlan | None = None,
+):
     """The eval-mode forward kernel (xbn_inference_*): returns (y, plan). Absent weight or bias
     get a placeholder the kernel must leave alone (checked)."""
     layout = _launch.plan_layout(x.shape, axis, c_contiguous=True)
@@ -338,14 +516,21 @@ def inference(x: np.ndarray, weight, bias, running_mean, running_var, dtype: str
     plan = _plan("inference", layout, dtype, wide, sm_count, plan)
     c = layout.channels
     sentinel = np.full(c, -123.0, dtype=param_dtype)
-    flags = ((_launch.FLAG_HAS_WEIGHT if weight is not None else 0)
-             | (_launch.FLAG_HAS_BIAS if bias is not None else 0)
-             | (_launch.FLAG_PARAMS_F64 if param_dtype == "float64" else 0))
-    values = {"x": x, "weight": _param(weight, param_dtype, sentinel.copy()),
-              "bias": _param(bias, param_dtype, sentinel.copy()),
-              "running_mean": np.asarray(running_mean, dtype=param_dtype),
-              "running_var": np.asarray(running_var, dtype=param_dtype),
-              "y": poison(x.shape, dtype), "eps": float(eps), "flags": flags}
+    flags = (
+        (_launch.FLAG_HAS_WEIGHT if weight is not None else 0)
+        | (_launch.FLAG_HAS_BIAS if bias is not None else 0)
+        | (_launch.FLAG_PARAMS_F64 if param_dtype == "float64" else 0)
+    )
+    values = {
+        "x": x,
+        "weight": _param(weight, param_dtype, sentinel.copy()),
+        "bias": _param(bias, param_dtype, sentinel.copy()),
+        "running_mean": np.asarray(running_mean, dtype=param_dtype),
+        "running_var": np.asarray(running_var, dtype=param_dtype),
+        "y": poison(x.shape, dtype),
+        "eps": float(eps),
+        "flags": flags,
+    }
     out = run_kernel(key, plan, "inference", values, seed=seed)
     for name in ("weight", "bias", "running_mean", "running_var"):
         if not np.array_equal(out[name], values[name]):

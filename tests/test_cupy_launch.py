@@ -24,42 +24,64 @@ ROOT = Path(__file__).resolve().parent.parent
 # Shapes with the edge cases the kernels must survive: C = 1, C = 3, S = 1, S = 7, primes,
 # large C with tiny spatial, tiny C with large spatial, middle and last channel axes.
 SHAPES = [
-    ((2, 1, 5, 5), 1), ((7, 3, 1, 1), 1), ((4, 3, 7), 1), ((13, 3, 7, 1), 1),
-    ((5, 11, 13), 1), ((3, 2048, 1, 1), 1), ((2, 1024, 2, 2), 1), ((2, 3, 224, 224), 1),
-    ((1, 2, 100003), 1), ((17, 5), 1), ((4096, 1024), 1), ((64, 7, 7, 3), 3), ((64, 7, 7, 3), -1),
-    ((8, 5, 9, 4), 2), ((1, 1), 1), ((2, 1), 0), ((9,), 0), ((31, 4, 1), 1), ((6, 8, 3), 2),
+    ((2, 1, 5, 5), 1),
+    ((7, 3, 1, 1), 1),
+    ((4, 3, 7), 1),
+    ((13, 3, 7, 1), 1),
+    ((5, 11, 13), 1),
+    ((3, 2048, 1, 1), 1),
+    ((2, 1024, 2, 2), 1),
+    ((2, 3, 224, 224), 1),
+    ((1, 2, 100003), 1),
+    ((17, 5), 1),
+    ((4096, 1024), 1),
+    ((64, 7, 7, 3), 3),
+    ((64, 7, 7, 3), -1),
+    ((8, 5, 9, 4), 2),
+    ((1, 1), 1),
+    ((2, 1), 0),
+    ((9,), 0),
+    ((31, 4, 1), 1),
+    ((6, 8, 3), 2),
 ]
 
 
 # -- layouts and fallbacks ---------------------------------------------------------------------
 
-@pytest.mark.parametrize(("shape", "axis", "expected"), [
-    ((8, 64, 56, 56), 1, L.Layout("ncl", 8, 64, 3136)),
-    ((8, 56, 56, 64), 3, L.Layout("nlc", 8 * 56 * 56, 64, 1)),
-    ((8, 56, 56, 64), -1, L.Layout("nlc", 8 * 56 * 56, 64, 1)),
-    ((4096, 1024), 1, L.Layout("nlc", 4096, 1024, 1)),
-    ((32, 16, 10), 1, L.Layout("ncl", 32, 16, 10)),
-    ((2, 3, 4, 5, 6), 1, L.Layout("ncl", 2, 3, 120)),
-    ((8, 64, 1, 1), 1, L.Layout("nlc", 8, 64, 1)),          # S == 1 is channels-last
-    ((8, 1, 5, 5), 1, L.Layout("ncl", 1, 1, 200)),          # C == 1: one long channel
-    ((8, 1), 1, L.Layout("ncl", 1, 1, 8)),
-    ((8, 5, 9, 4), 2, L.Layout("ncl", 40, 9, 4)),           # a middle axis of a contiguous array
-    ((9, 4), 0, L.Layout("ncl", 1, 9, 4)),
-    ((7,), 0, L.Layout("nlc", 1, 7, 1)),
-])
+
+@pytest.mark.parametrize(
+    ("shape", "axis", "expected"),
+    [
+        ((8, 64, 56, 56), 1, L.Layout("ncl", 8, 64, 3136)),
+        ((8, 56, 56, 64), 3, L.Layout("nlc", 8 * 56 * 56, 64, 1)),
+        ((8, 56, 56, 64), -1, L.Layout("nlc", 8 * 56 * 56, 64, 1)),
+        ((4096, 1024), 1, L.Layout("nlc", 4096, 1024, 1)),
+        ((32, 16, 10), 1, L.Layout("ncl", 32, 16, 10)),
+        ((2, 3, 4, 5, 6), 1, L.Layout("ncl", 2, 3, 120)),
+        ((8, 64, 1, 1), 1, L.Layout("nlc", 8, 64, 1)),  # S == 1 is channels-last
+        ((8, 1, 5, 5), 1, L.Layout("ncl", 1, 1, 200)),  # C == 1: one long channel
+        ((8, 1), 1, L.Layout("ncl", 1, 1, 8)),
+        ((8, 5, 9, 4), 2, L.Layout("ncl", 40, 9, 4)),  # a middle axis of a contiguous array
+        ((9, 4), 0, L.Layout("ncl", 1, 9, 4)),
+        ((7,), 0, L.Layout("nlc", 1, 7, 1)),
+    ],
+)
 def test_layout(shape, axis, expected):
     assert L.plan_layout(shape, axis, c_contiguous=True) == expected
 
 
-@pytest.mark.parametrize(("shape", "axis", "contiguous", "reason"), [
-    ((8, 64, 5, 5), 1, False, "not C-contiguous"),
-    ((0, 64, 5, 5), 1, True, "empty input"),
-    ((8, 64, 0), 1, True, "empty input"),
-    ((), 0, True, "0-d input has no channel axis"),
-    ((4, 5), 2, True, "axis 2 out of range for 2-D input"),
-    ((4, 5), -3, True, "axis -3 out of range for 2-D input"),
-    ((2**16, 2**15), 1, True, "2147483648 elements: more than the kernels' 32-bit indexing allows"),
-])
+@pytest.mark.parametrize(
+    ("shape", "axis", "contiguous", "reason"),
+    [
+        ((8, 64, 5, 5), 1, False, "not C-contiguous"),
+        ((0, 64, 5, 5), 1, True, "empty input"),
+        ((8, 64, 0), 1, True, "empty input"),
+        ((), 0, True, "0-d input has no channel axis"),
+        ((4, 5), 2, True, "axis 2 out of range for 2-D input"),
+        ((4, 5), -3, True, "axis -3 out of range for 2-D input"),
+        ((2**16, 2**15), 1, True, "2147483648 elements: more than the kernels' 32-bit indexing allows"),
+    ],
+)
 def test_fallback(shape, axis, contiguous, reason):
     got = L.plan_layout(shape, axis, c_contiguous=contiguous)
     assert isinstance(got, L.Fallback)
@@ -84,37 +106,38 @@ def test_dtypes():
 
 # -- vector width ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(("itemsize", "wide", "half"), [(4, 4, 2), (8, 2, 1), (2, 8, 4)])
 def test_vector_width(itemsize, wide, half):
     ncl = L.Layout("ncl", 4, 3, wide * 5)
     assert L.vector_width(ncl, itemsize, (0, 256, 4096)) == wide
-    assert L.vector_width(ncl, itemsize, (0, 256 + itemsize)) == 1        # a misaligned pointer
-    assert L.vector_width(ncl, itemsize, (8,)) == half                    # 8-byte aligned only
+    assert L.vector_width(ncl, itemsize, (0, 256 + itemsize)) == 1  # a misaligned pointer
+    assert L.vector_width(ncl, itemsize, (8,)) == half  # 8-byte aligned only
     assert L.vector_width(ncl, itemsize, (0, 24)) == half
     odd = L.Layout("ncl", 4, 3, wide * 5 + 1)
-    assert L.vector_width(odd, itemsize, (0,)) == 1                       # S odd
-    if half > 1:                                                          # S % W != 0, S % (W/2) == 0
+    assert L.vector_width(odd, itemsize, (0,)) == 1  # S odd
+    if half > 1:  # S % W != 0, S % (W/2) == 0
         assert L.vector_width(L.Layout("ncl", 4, 3, wide * 5 + half), itemsize, (0,)) == half
     nlc = L.Layout("nlc", 100, wide * 3, 1)
     assert L.vector_width(nlc, itemsize, (0,)) == wide
     assert L.vector_width(L.Layout("nlc", 100, wide * 3 + 1, 1), itemsize, (0,)) == 1  # C odd
-    assert L.vector_width(ncl, itemsize) == wide                           # no pointers: aligned
+    assert L.vector_width(ncl, itemsize) == wide  # no pointers: aligned
 
 
 def test_vector_width_of_common_shapes():
     fp16_14x14 = L.plan_layout((128, 256, 14, 14), 1, c_contiguous=True)
-    assert L.vector_width(fp16_14x14, 2) == 4                              # 8-byte loads
-    assert L.vector_width(fp16_14x14, 4) == 4                              # float4
+    assert L.vector_width(fp16_14x14, 2) == 4  # 8-byte loads
+    assert L.vector_width(fp16_14x14, 4) == 4  # float4
     assert L.vector_width(L.plan_layout((128, 512, 7, 7), 1, c_contiguous=True), 2) == 1
 
 
 def _widths(layout: L.Layout, itemsize: int) -> set[int]:
     run = layout.inner if layout.kind == "ncl" else layout.channels
-    return {1} | {n // itemsize for n in L.VECTOR_BYTES
-                  if n // itemsize > 1 and run % (n // itemsize) == 0}
+    return {1} | {n // itemsize for n in L.VECTOR_BYTES if n // itemsize > 1 and run % (n // itemsize) == 0}
 
 
 # -- launch plans ------------------------------------------------------------------------------
+
 
 def _layouts():
     for shape, axis in SHAPES:
@@ -131,7 +154,7 @@ def _is_pow2(n: int) -> bool:
 @pytest.mark.parametrize("itemsize", [2, 4, 8])
 @pytest.mark.parametrize("sm_count", [1, 8, 132])
 def test_plan_invariants(op, itemsize, sm_count):
-    for shape, layout in _layouts():
+    for _shape, layout in _layouts():
         for vec in _widths(layout, itemsize):
             p = L.plan(op, layout, vec, sm_count=sm_count, threads_per_sm=1024)
             gx, gy, gz = p.grid
@@ -145,7 +168,7 @@ def test_plan_invariants(op, itemsize, sm_count):
                 n, c, sv, chunk = p.args
                 assert (n, c) == (layout.outer, layout.channels) and sv * vec == layout.inner
                 assert bx % 32 == 0 and _is_pow2(bx) and _is_pow2(by)  # whole warps (shuffles)
-                assert gx * by >= c and (gx - 1) * by < c            # no block without channels
+                assert gx * by >= c and (gx - 1) * by < c  # no block without channels
                 if by > 1:  # channels packed only where one needs no more than a group per thread
                     assert op == "inference" and gy == 1 and bx * L.UNROLL >= n * sv
                     assert gx >= min(sm_count, c)
@@ -153,8 +176,8 @@ def test_plan_invariants(op, itemsize, sm_count):
             else:
                 rows, cvs, chunk = p.args
                 assert rows == layout.outer and cvs * vec == layout.channels
-                assert _is_pow2(bx) and _is_pow2(by) and bx <= 32   # TY a power of 2 (tree)
-                assert gx * bx >= cvs and (gx - 1) * bx < cvs        # no block without channels
+                assert _is_pow2(bx) and _is_pow2(by) and bx <= 32  # TY a power of 2 (tree)
+                assert gx * bx >= cvs and (gx - 1) * bx < cvs  # no block without channels
                 extent = rows
             # Every slice non-empty, together exactly the extent.
             assert chunk * gy >= extent and chunk * (gy - 1) < extent
@@ -169,18 +192,18 @@ def test_plan_invariants(op, itemsize, sm_count):
 
 def test_plan_fills_the_gpu_for_small_c_and_splits_nothing_for_large_c():
     sm = 132
-    small_c = L.plan("backward_reduce", L.Layout("ncl", 32, 3, 224 * 224), 4,
-                     sm_count=sm, threads_per_sm=1024)
-    assert small_c.grid[0] * small_c.grid[1] > sm * 3      # most of one wave of 4 blocks/SM
-    large_c = L.plan("backward_reduce", L.Layout("ncl", 128, 2048, 49), 1,
-                     sm_count=sm, threads_per_sm=1024)
+    small_c = L.plan(
+        "backward_reduce", L.Layout("ncl", 32, 3, 224 * 224), 4, sm_count=sm, threads_per_sm=1024
+    )
+    assert small_c.grid[0] * small_c.grid[1] > sm * 3  # most of one wave of 4 blocks/SM
+    large_c = L.plan("backward_reduce", L.Layout("ncl", 128, 2048, 49), 1, sm_count=sm, threads_per_sm=1024)
     assert large_c.parts == 1 and large_c.workspace == 0
     cl = L.plan("stats", L.Layout("nlc", 4096, 1024, 1), 4, sm_count=sm, threads_per_sm=1024)
     # 16 channel vectors a block, not 32: the last block merges at most UNROLL partials a thread
     assert cl.block == (16, 16, 1) and cl.grid[0] == 16 and cl.parts > 1
     assert cl.grid[0] * cl.grid[1] <= sm * 4
     tiny = L.plan("stats", L.Layout("ncl", 2, 100000, 3), 1, sm_count=sm, threads_per_sm=1024)
-    assert tiny.block == (32, 1, 1) and tiny.parts == 1     # six values a channel: one warp
+    assert tiny.block == (32, 1, 1) and tiny.parts == 1  # six values a channel: one warp
     tiny = L.plan("inference", L.Layout("ncl", 2, 100000, 3), 1, sm_count=sm, threads_per_sm=1024)
     assert tiny.block == (32, 8, 1) and tiny.grid == (12500, 1, 1)  # eight channels a block
 
@@ -212,8 +235,11 @@ def _blocks_without_merge_bound(layout: L.Layout, vec: int, sm_count: int, tps: 
     return gx * max(1, min(wave // gx, -(-layout.outer // (ty * L.UNROLL))))
 
 
-@pytest.mark.parametrize(("shape", "axis", "dtype"), _reference_configs(),
-                         ids=[f"{'x'.join(map(str, s))}-ax{a}-{d}" for s, a, d in _reference_configs()])
+@pytest.mark.parametrize(
+    ("shape", "axis", "dtype"),
+    _reference_configs(),
+    ids=[f"{'x'.join(map(str, s))}-ax{a}-{d}" for s, a, d in _reference_configs()],
+)
 def test_merge_of_every_reference_shape_is_at_most_unroll_partials_a_thread(shape, axis, dtype):
     """A split reduction's last block merges at most UNROLL partials per thread (channels-last,
     up to 66 before, one L2 round trip after another), and keeps at least 90% of the blocks it
@@ -242,8 +268,13 @@ def test_merge_bound_narrows_channels_last_blocks():
     layout = L.plan_layout((256, 56, 56, 64), -1, c_contiguous=True)
     p = L.plan("stats", layout, 4, sm_count=132, threads_per_sm=2048)
     assert (p.block, p.grid, p.merge_per_thread) == ((4, 64, 1), (4, 256, 1), 4)
-    tall = L.plan("backward_reduce", L.plan_layout((65536, 1024), 1, c_contiguous=True), 4,
-                  sm_count=132, threads_per_sm=2048)
+    tall = L.plan(
+        "backward_reduce",
+        L.plan_layout((65536, 1024), 1, c_contiguous=True),
+        4,
+        sm_count=132,
+        threads_per_sm=2048,
+    )
     assert tall.merge_per_thread <= 2 and tall.grid[0] * tall.grid[1] >= 1024
     # elementwise passes keep the widest blocks: they merge nothing
     ew = L.plan("scale_shift", layout, 4, sm_count=132, threads_per_sm=2048)
@@ -256,21 +287,26 @@ def test_unsplit_plans_for_graph_capture():
     whole = L.plan("stats_fused", layout, 4, sm_count=132, split=False)
     assert split.parts > 1 and split.workspace and split.counters
     assert (whole.parts, whole.workspace, whole.counters, whole.grid) == (1, 0, 0, (3, 1, 1))
-    assert whole.args[3] == 2 * 224 * 224 // 4                       # the whole channel
-    nlc = L.plan("backward_reduce", L.plan_layout((4096, 8), 1, c_contiguous=True), 4,
-                 sm_count=132, split=False)
+    assert whole.args[3] == 2 * 224 * 224 // 4  # the whole channel
+    nlc = L.plan(
+        "backward_reduce", L.plan_layout((4096, 8), 1, c_contiguous=True), 4, sm_count=132, split=False
+    )
     assert (nlc.parts, nlc.workspace, nlc.counters) == (1, 0, 0)
     # elementwise plans do not change
-    assert L.plan("scale_shift", layout, 4, sm_count=132, split=False) == \
-        L.plan("scale_shift", layout, 4, sm_count=132)
+    assert L.plan("scale_shift", layout, 4, sm_count=132, split=False) == L.plan(
+        "scale_shift", layout, 4, sm_count=132
+    )
 
 
-@pytest.mark.parametrize(("shape", "rows"), [
-    ((8, 2048, 7, 7), 2),       # 392 values a channel: 128 threads each, two channels a block
-    ((1, 2048, 7, 7), 8),       # 49 values: a warp each, eight a block
-    ((8, 256, 7, 7), 1),        # two a block would leave SMs without one
-    ((128, 2048, 7, 7), 1),     # a channel fills its block
-])
+@pytest.mark.parametrize(
+    ("shape", "rows"),
+    [
+        ((8, 2048, 7, 7), 2),  # 392 values a channel: 128 threads each, two channels a block
+        ((1, 2048, 7, 7), 8),  # 49 values: a warp each, eight a block
+        ((8, 256, 7, 7), 1),  # two a block would leave SMs without one
+        ((128, 2048, 7, 7), 1),  # a channel fills its block
+    ],
+)
 def test_small_channels_share_inference_blocks(shape, rows):
     """An eval batch of a late layer (N*H*W < 1024) is many small channels: the inference kernel
     takes several a block; the other families keep a block a channel (their kernels would pay
@@ -307,8 +343,11 @@ def test_int32_headroom():
     blocks) stays below 2**31 for the largest accepted array."""
     n = L.INDEX_LIMIT - 1
     for op in L.OPS:
-        for layout in (L.Layout("ncl", 1, 1, n), L.Layout("ncl", n // 7, 7, 1 + 0),
-                       L.Layout("nlc", n // 3, 3, 1)):
+        for layout in (
+            L.Layout("ncl", 1, 1, n),
+            L.Layout("ncl", n // 7, 7, 1 + 0),
+            L.Layout("nlc", n // 3, 3, 1),
+        ):
             if layout.kind == "ncl" and layout.inner == 1:
                 continue
             p = L.plan(op, layout, 1, sm_count=132)
@@ -325,11 +364,13 @@ def test_arguments_order_matches_kernel_signatures():
     """ARGUMENTS lists exactly the kernel parameters before the plan's ints."""
     for op in L.OPS:
         text = _source.kernel_source(L.SOURCE_OF[op])
-        for kind, ints in (("ncl", ("n_outer", "channels", "sv", "chunk")),
-                           ("nlc", ("rows", "cvs", "chunk_rows"))):
+        for kind, ints in (
+            ("ncl", ("n_outer", "channels", "sv", "chunk")),
+            ("nlc", ("rows", "cvs", "chunk_rows")),
+        ):
             marker = f"xbn_{op}_{kind}_##SUFFIX("
             start = text.replace("\\\n", " ").index(marker)
-            body = text.replace("\\\n", " ")[start + len(marker):]
+            body = text.replace("\\\n", " ")[start + len(marker) :]
             params = body[: body.index(")")]
             names = [p.strip().split()[-1].lstrip("*") for p in params.split(",")]
             expected = [_kernel_param(op, n) for n in L.ARGUMENTS[op]] + list(ints)
@@ -340,8 +381,12 @@ def _kernel_param(op: str, name: str) -> str:
     # The kernels name the partials after what they hold.
     renames = {
         "stats": {"ws_a": "ws_mean", "ws_b": "ws_m2", "mean": "mean_out", "var": "var_out"},
-        "backward_reduce": {"ws_a": "ws_dy", "ws_b": "ws_dy_xmu", "sum_dy": "sum_dy_out",
-                            "sum_dy_xmu": "sum_dy_xmu_out"},
+        "backward_reduce": {
+            "ws_a": "ws_dy",
+            "ws_b": "ws_dy_xmu",
+            "sum_dy": "sum_dy_out",
+            "sum_dy_xmu": "sum_dy_xmu_out",
+        },
         "stats_fused": {"ws_a": "ws_mean", "ws_b": "ws_m2"},
         "backward_reduce_fused": {"ws_a": "ws_dy", "ws_b": "ws_dy_xmu"},
     }
@@ -349,6 +394,7 @@ def _kernel_param(op: str, name: str) -> str:
 
 
 # -- a model of each kernel's index walk --------------------------------------------------------
+
 
 def _ncl_walk(p: L.LaunchPlan) -> np.ndarray:
     """Vector indices each thread of an ncl kernel touches, as the .cu loops compute them
@@ -424,6 +470,7 @@ def test_index_walk_visits_every_element_once(op):
 
 # -- sources and the registered fast paths ------------------------------------------------------
 
+
 @pytest.mark.parametrize(("key", "itemsize"), [("f32", 4), ("f64", 8), ("f16", 2), ("bf16", 2)])
 def test_sources_define_every_planned_kernel(key, itemsize):
     defined = set()
@@ -448,8 +495,10 @@ def test_width_macro_matches_widths_table():
     header = _source.kernel_source("bn_stats.cu")
     found = dict(re.findall(r"#(?:el)?if XBN_ITEMSIZE == (\d)\n#define XBN_FOR_EACH_WIDTH\(M\) (.*)", header))
     other = re.search(r"#else\n#define XBN_FOR_EACH_WIDTH\(M\) (.*)", header).group(1)
+
     def widths(text):
         return tuple(int(w) for w in re.findall(r"M\(v\d, (\d)\)", text))
+
     assert widths(found["8"]) == L.WIDTHS["f64"]
     assert widths(found["4"]) == L.WIDTHS["f32"]
     assert widths(other) == L.WIDTHS["f16"] == L.WIDTHS["bf16"]
@@ -460,10 +509,15 @@ def test_epilogue_flags_match_the_header():
     import re
 
     header = _source.kernel_source("bn_stats.cu")
-    defined = {m.group(1): int(m.group(2))
-               for m in re.finditer(r"#define XBN_(HAS_\w+|PARAMS_F64) (\d+)", header)}
-    assert defined == {"HAS_WEIGHT": L.FLAG_HAS_WEIGHT, "HAS_BIAS": L.FLAG_HAS_BIAS,
-                       "HAS_RUNNING": L.FLAG_HAS_RUNNING, "PARAMS_F64": L.FLAG_PARAMS_F64}
+    defined = {
+        m.group(1): int(m.group(2)) for m in re.finditer(r"#define XBN_(HAS_\w+|PARAMS_F64) (\d+)", header)
+    }
+    assert defined == {
+        "HAS_WEIGHT": L.FLAG_HAS_WEIGHT,
+        "HAS_BIAS": L.FLAG_HAS_BIAS,
+        "HAS_RUNNING": L.FLAG_HAS_RUNNING,
+        "PARAMS_F64": L.FLAG_PARAMS_F64,
+    }
     bits = [L.FLAG_HAS_WEIGHT, L.FLAG_HAS_BIAS, L.FLAG_HAS_RUNNING, L.FLAG_PARAMS_F64]
     assert sorted(bits) == [1, 2, 4, 8]
 
@@ -498,6 +552,7 @@ def test_route():
 
 # -- ci/check_kernels.py's log parsing -----------------------------------------------------------
 
+
 def _check_kernels():
     sys.path.insert(0, str(ROOT / "ci"))
     try:
@@ -520,14 +575,23 @@ def test_check_kernels_parses_ptxas_reports():
         "ptxas info    : Used 32 registers, used 0 barriers, 1168 bytes cumulative stack size\n"
     )
     got = ck.parse_ptxas(log)
-    assert got["xbn_a"] == {"registers": 48, "barriers": 1, "smem": 9217, "stack": 0,
-                            "spill_stores": 0, "spill_loads": 0}
+    assert got["xbn_a"] == {
+        "registers": 48,
+        "barriers": 1,
+        "smem": 9217,
+        "stack": 0,
+        "spill_stores": 0,
+        "spill_loads": 0,
+    }
     assert got["xbn_b"]["spill_stores"] == 1084 and got["xbn_b"]["stack"] == 1168
     assert ck.problems_in_log(log) == []
     assert ck.problems_in_log("ptxas warning : Registers are spilled\nfine\n") == [
-        "ptxas warning : Registers are spilled"]
+        "ptxas warning : Registers are spilled"
+    ]
     assert len(ck.problems_in_log('k.cu(3): error #177-D: variable "x" was declared')) == 1
     assert ck.planned_kernels("f16") == {
-        f"xbn_{op}_{k}_v{w}" for op in L.OPS for k in ("ncl", "nlc") for w in (1, 4, 8)}
+        f"xbn_{op}_{k}_v{w}" for op in L.OPS for k in ("ncl", "nlc") for w in (1, 4, 8)
+    }
     assert ck.planned_kernels("f64") == {
-        f"xbn_{op}_{k}_v{w}" for op in L.OPS for k in ("ncl", "nlc") for w in (1, 2)}
+        f"xbn_{op}_{k}_v{w}" for op in L.OPS for k in ("ncl", "nlc") for w in (1, 2)
+    }

@@ -15,8 +15,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from xbn import backends
+from xbn import functional as F
+
 import reference as ref
-from xbn import backends, functional as F
 
 cupy = pytest.importorskip("cupy", reason="the CUDA kernels need CuPy")
 try:
@@ -49,8 +51,14 @@ BF16 = _bf16()
 DTYPES = ["float32", "float64", "float16"] + (["bfloat16"] if BF16 is not None else [])
 if BF16 is None:
     # Recorded, so the skip shows in -ra output instead of bfloat16 silently missing.
-    DTYPES.append(pytest.param("bfloat16", marks=pytest.mark.skip(
-        reason="this CuPy has no bfloat16 arrays (needs a CuPy with ml_dtypes support)")))
+    DTYPES.append(
+        pytest.param(
+            "bfloat16",
+            marks=pytest.mark.skip(
+                reason="this CuPy has no bfloat16 arrays (needs a CuPy with ml_dtypes support)"
+            ),
+        )
+    )
 
 # (shape, channel axis). Channel-major: C=1, C=3, H*W=7, prime N*H*W, large C with tiny
 # spatial, tiny C with huge spatial, a middle axis; channels-last: H*W=1, (N, C), NHWC, C=3.
@@ -58,14 +66,14 @@ SHAPES = [
     ((8, 1, 33, 33), 1),
     ((16, 3, 32, 32), 1),
     ((8, 5, 7), 1),
-    ((1, 4, 1, 10007), 1),        # N*H*W = 10007, prime
+    ((1, 4, 1, 10007), 1),  # N*H*W = 10007, prime
     ((7, 3, 11, 13), 1),
     ((64, 2048, 2, 2), 1),
     ((2, 2, 512, 512), 1),
     ((8, 5, 12, 6), 2),
-    ((16, 8, 14, 14), 1),         # 14x14: 8-byte vectors for 16-bit dtypes
-    ((64, 6), 1),                 # C = 6: 8-byte vectors for float32
-    ((64, 32, 1, 1), 1),          # H*W = 1: channels-last kernels
+    ((16, 8, 14, 14), 1),  # 14x14: 8-byte vectors for 16-bit dtypes
+    ((64, 6), 1),  # C = 6: 8-byte vectors for float32
+    ((64, 32, 1, 1), 1),  # H*W = 1: channels-last kernels
     ((4096, 1024), 1),
     ((8, 16, 16, 64), -1),
     ((64, 7, 7, 3), -1),
@@ -175,8 +183,9 @@ def test_scale_shift(shape, axis, dtype):
         assert got is out
         expect = xh * _f64(scale).reshape(bs) + (0.0 if sh is None else _f64(sh).reshape(bs))
         ref.assert_close(_f64(got), expect, TOL[dtype], "y vs float64")
-        ref.assert_close(_f64(got), _f64(F.scale_shift(x, scale, sh, axis=axis, xp=XP)),
-                         TOL[dtype], "y vs generic")
+        ref.assert_close(
+            _f64(got), _f64(F.scale_shift(x, scale, sh, axis=axis, xp=XP)), TOL[dtype], "y vs generic"
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -186,8 +195,7 @@ def test_backward_apply(shape, axis, dtype):
     dy, dyh = _make(shape, dtype, 7, loc=0.0, scale=1.0)
     c, bs = shape[axis], _bs(len(shape), axis)
     rng = np.random.default_rng(8)
-    mean, k_dy, k_xmu, k_const = (cupy.asarray(rng.normal(size=c)).astype(_acc(dtype))
-                                  for _ in range(4))
+    mean, k_dy, k_xmu, k_const = (cupy.asarray(rng.normal(size=c)).astype(_acc(dtype)) for _ in range(4))
     out = _nan(shape, x.dtype)
     got = kc.launch_backward_apply(dy, x, mean, k_dy, k_xmu, k_const, axis=axis, out=out)
     assert got is out
@@ -197,8 +205,10 @@ def test_backward_apply(shape, axis, dtype):
     ref.assert_close(_f64(got), _f64(generic), TOL[dtype], "dx vs generic")
 
 
-@pytest.mark.parametrize(("shape", "axis"), [((2, 3, 1024, 1024), 1), ((65536, 64), 1),
-                                             ((8, 1, 512, 512), 1), ((32, 64, 56, 56), 1)])
+@pytest.mark.parametrize(
+    ("shape", "axis"),
+    [((2, 3, 1024, 1024), 1), ((65536, 64), 1), ((8, 1, 512, 512), 1), ((32, 64, 56, 56), 1)],
+)
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_reductions_bitwise_deterministic(shape, axis, dtype):
     x, xh = _make(shape, dtype, 9)
@@ -257,7 +267,7 @@ def test_fallbacks_give_the_generic_result():
 
 def test_misaligned_views_use_scalar_loads():
     base, _ = _make((4 * 3 * 64 + 1,), "float32", 15)
-    x = base[1:].reshape(4, 3, 64)          # 4-byte offset: no 16-byte vectors
+    x = base[1:].reshape(4, 3, 64)  # 4-byte offset: no 16-byte vectors
     assert x.flags.c_contiguous and x.data.ptr % 16
     m, v = kc.launch_batch_stats(x, axis=1)
     xh = cupy.asnumpy(x).astype(np.float64)
@@ -295,21 +305,25 @@ def test_layer_matches_generic_backend(layout):
 
 STEP_SHAPES = [
     ((16, 3, 32, 32), 1),
-    ((8, 1, 33, 33), 1),          # C = 1
-    ((2, 2, 512, 512), 1),        # tiny C, huge spatial: split reductions
+    ((8, 1, 33, 33), 1),  # C = 1
+    ((2, 2, 512, 512), 1),  # tiny C, huge spatial: split reductions
     ((16, 8, 14, 14), 1),
-    ((64, 2048, 2, 2), 1),        # large C, tiny spatial
-    ((64, 32, 1, 1), 1),          # H*W = 1: channels-last kernels
+    ((64, 2048, 2, 2), 1),  # large C, tiny spatial
+    ((64, 32, 1, 1), 1),  # H*W = 1: channels-last kernels
     ((4096, 1024), 1),
     ((8, 16, 16, 64), -1),
     ((64, 7, 7, 3), -1),
-    ((2, 5), 1),                  # M = 2
-    ((1, 4, 1, 10007), 1),        # prime N*H*W
+    ((2, 5), 1),  # M = 2
+    ((1, 4, 1, 10007), 1),  # prime N*H*W
 ]
 STEP_IDS = [f"{s}-ax{a}" for s, a in STEP_SHAPES]
 #: (weight and bias, running statistics, parameter dtype)
-VARIANTS = [(True, True, "float32"), (False, False, "float32"), (True, True, "float64"),
-            (True, False, "float32")]
+VARIANTS = [
+    (True, True, "float32"),
+    (False, False, "float32"),
+    (True, True, "float64"),
+    (True, False, "float32"),
+]
 
 
 def _params(c, affine, running, pdt, seed):
@@ -402,11 +416,13 @@ def test_step_ops_eval_mode_backward(shape, axis, dtype, monkeypatch):
     inv = 1.0 / cupy.sqrt(rv.astype(acc) + 1e-5)
     launches = _Launches(monkeypatch)
     for need in (True, False):
-        f = _CUPY.ops.batch_norm_backward(dy, x, mean, inv, w, axis=axis, batch_stats_used=False,
-                                          need_param_grads=need)
+        f = _CUPY.ops.batch_norm_backward(
+            dy, x, mean, inv, w, axis=axis, batch_stats_used=False, need_param_grads=need
+        )
         names = launches.take()
-        s = _GENERIC.ops.batch_norm_backward(dy, x, mean, inv, w, axis=axis,
-                                             batch_stats_used=False, need_param_grads=need)
+        s = _GENERIC.ops.batch_norm_backward(
+            dy, x, mean, inv, w, axis=axis, batch_stats_used=False, need_param_grads=need
+        )
         launches.take()
         assert names == (["backward_reduce_fused", "scale_shift"] if need else ["scale_shift"])
         # dx = dy * (weight * inv) on both paths, rounded once to the input's dtype
@@ -420,8 +436,9 @@ def test_step_ops_eval_mode_backward(shape, axis, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("shape", "axis"), [((4, 3, 257, 259), 1), ((8, 64), 1), ((65536, 64), 1),
-                                             ((2, 5, 3), -1)])
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((4, 3, 257, 259), 1), ((8, 64), 1), ((65536, 64), 1), ((2, 5, 3), -1)]
+)
 def test_fused_kernels_write_every_output(shape, axis, dtype):
     c = shape[axis]
     x, _ = _make(shape, dtype, 36)
@@ -439,13 +456,13 @@ def test_fused_kernels_write_every_output(shape, axis, dtype):
         assert all(bool(cupy.isfinite(g).all()) for g in gotb)
     # without weight, bias or running statistics nothing else is touched
     out = tuple(_nan((c,), acc) for _ in range(4)) + (None, None)
-    got = kc.launch_stats_fused(x, None, None, None, None, axis=axis, eps=1e-5, momentum=0.1,
-                                out=out)
+    got = kc.launch_stats_fused(x, None, None, None, None, axis=axis, eps=1e-5, momentum=0.1, out=out)
     assert got[4] is None and got[5] is None and all(bool(cupy.isfinite(g).all()) for g in got[:4])
 
 
-@pytest.mark.parametrize(("shape", "axis"), [((2, 3, 1024, 1024), 1), ((65536, 64), 1),
-                                             ((32, 64, 56, 56), 1)])
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((2, 3, 1024, 1024), 1), ((65536, 64), 1), ((32, 64, 56, 56), 1)]
+)
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_step_ops_bitwise_deterministic(shape, axis, dtype):
     c = shape[axis]
@@ -488,10 +505,17 @@ def test_layer_training_step_is_four_launches(monkeypatch):
     assert launches.take() == ["backward_reduce_fused", "backward_apply"]
 
 
-@pytest.mark.parametrize(("dtype", "momentum", "affine", "track"), [
-    ("float32", 0.1, True, True), ("float32", None, True, True), ("float32", 0.1, False, True),
-    ("float32", 0.1, True, False), ("float16", 0.1, True, True), ("float64", 0.3, True, True),
-])
+@pytest.mark.parametrize(
+    ("dtype", "momentum", "affine", "track"),
+    [
+        ("float32", 0.1, True, True),
+        ("float32", None, True, True),
+        ("float32", 0.1, False, True),
+        ("float32", 0.1, True, False),
+        ("float16", 0.1, True, True),
+        ("float64", 0.3, True, True),
+    ],
+)
 def test_batchnorm2d_steps_match_generic_backend(dtype, momentum, affine, track):
     import xbn
 
@@ -530,17 +554,28 @@ def test_batchnorm2d_steps_match_generic_backend(dtype, momentum, affine, track)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("shape", "axis"), [((16, 8, 14, 14), 1), ((128, 64, 7, 7), 1),
-                                             ((8, 2048, 7, 7), 1), ((64, 7, 7, 3), -1),
-                                             ((4096, 1024), 1)])
+@pytest.mark.parametrize(
+    ("shape", "axis"),
+    [
+        ((16, 8, 14, 14), 1),
+        ((128, 64, 7, 7), 1),
+        ((8, 2048, 7, 7), 1),
+        ((64, 7, 7, 3), -1),
+        ((4096, 1024), 1),
+    ],
+)
 def test_inference_is_one_launch_with_the_generic_results(shape, axis, dtype, monkeypatch):
     c = shape[axis]
     x, xh = _make(shape, dtype, 80, loc=1.0)
     rng = np.random.default_rng(81)
-    w, b = (cupy.asarray(rng.normal(1, 0.3, c).astype(np.float32)),
-            cupy.asarray(rng.normal(size=c).astype(np.float32)))
-    rm, rv = (cupy.asarray(rng.normal(size=c).astype(np.float32)),
-              cupy.asarray(rng.uniform(0.3, 2, c).astype(np.float32)))
+    w, b = (
+        cupy.asarray(rng.normal(1, 0.3, c).astype(np.float32)),
+        cupy.asarray(rng.normal(size=c).astype(np.float32)),
+    )
+    rm, rv = (
+        cupy.asarray(rng.normal(size=c).astype(np.float32)),
+        cupy.asarray(rng.uniform(0.3, 2, c).astype(np.float32)),
+    )
     launches = _Launches(monkeypatch)
     y = _CUPY.ops.batch_norm_inference(x, w, b, rm, rv, axis=axis, eps=1e-5)
     assert launches.take() == ["inference"]
@@ -642,8 +677,7 @@ def test_threads_on_the_per_thread_default_stream():
         "assert not bad, 'wrong statistics'\n"
     )
     env = dict(os.environ, CUPY_CUDA_PER_THREAD_DEFAULT_STREAM="1")
-    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -653,15 +687,20 @@ def test_infinities_and_constant_channels(shape, axis):
     moved = np.moveaxis(host, axis, 0)
     moved[0] = np.float32(12345.678)
     moved[1] = np.float32(1e8)
-    moved[2][(0,) * (moved.ndim - 1)] = np.inf      # the channel's first value
-    moved[3][(-1,) * (moved.ndim - 1)] = -np.inf    # its last
+    moved[2][(0,) * (moved.ndim - 1)] = np.inf  # the channel's first value
+    moved[3][(-1,) * (moved.ndim - 1)] = -np.inf  # its last
     host = np.ascontiguousarray(host)
     x = cupy.asarray(host)
     c = shape[axis]
     bias = cupy.asarray(np.linspace(-1, 1, c).astype(np.float32))
     y, mean, inv, rm, rv = _CUPY.ops.batch_norm_forward(
-        x, cupy.ones(c, cupy.float32), bias, cupy.zeros(c, cupy.float32),
-        cupy.ones(c, cupy.float32), axis=axis)
+        x,
+        cupy.ones(c, cupy.float32),
+        bias,
+        cupy.zeros(c, cupy.float32),
+        cupy.ones(c, cupy.float32),
+        axis=axis,
+    )
     m, r_m, r_v = cupy.asnumpy(mean), cupy.asnumpy(rm), cupy.asnumpy(rv)
     yh = np.moveaxis(cupy.asnumpy(y), axis, 0)
     assert m[0] == np.float32(12345.678) and m[1] == np.float32(1e8)

@@ -19,9 +19,10 @@ import array_api_compat.numpy as xnp
 import numpy as np
 import pytest
 
+from xbn import backends, functional
+
 import host_kernels as hk
 import reference as ref
-from xbn import backends, functional
 
 pytestmark = pytest.mark.skipif(
     hk.compiler() is None, reason="needs g++ with sanitizers to run the CUDA kernels on the CPU"
@@ -30,8 +31,9 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def fake():
-    import fake_cupy
     from xbn.kernels import cupy as kc
+
+    import fake_cupy
 
     saved = sys.modules.get("cupy")
     sys.modules["cupy"] = fake_cupy
@@ -78,12 +80,15 @@ def _rel(got, ref):
 TOL = {"float32": 2e-6, "float64": 1e-12, "float16": 1e-3}
 
 
-@pytest.mark.parametrize(("shape", "axis"), [
-    ((3, 2, 4096), 1),       # ncl, vector loads, channels split over blocks
-    ((5, 3, 7), 1),          # ncl, scalar
-    ((300, 24), 1),          # nlc, vector loads, split over blocks
-    ((64, 5, 5, 3), -1),     # nlc, scalar
-])
+@pytest.mark.parametrize(
+    ("shape", "axis"),
+    [
+        ((3, 2, 4096), 1),  # ncl, vector loads, channels split over blocks
+        ((5, 3, 7), 1),  # ncl, scalar
+        ((300, 24), 1),  # nlc, vector loads, split over blocks
+        ((64, 5, 5, 3), -1),  # nlc, scalar
+    ],
+)
 @pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
 def test_registered_ops_run_the_kernels(fake, shape, axis, dtype):
     cp, kc = fake
@@ -117,7 +122,9 @@ def test_registered_ops_run_the_kernels(fake, shape, axis, dtype):
     k = [cp.asarray(rng.normal(size=c).astype(acc)) for _ in range(3)]
     dx = kc.backward_apply(dy, x, mean, *k, axis=axis)
     k64 = [np.asarray(v, np.float64).reshape(bs) for v in k]
-    assert _rel(dx, dy64 * k64[0] + (x64 - m64) * k64[1] + k64[2]) <= max(TOL[dtype], 1e-3 if dtype == "float16" else 0)
+    assert _rel(dx, dy64 * k64[0] + (x64 - m64) * k64[1] + k64[2]) <= max(
+        TOL[dtype], 1e-3 if dtype == "float16" else 0
+    )
 
     kinds = {name.rsplit("_", 2)[0] for _, name, _, _ in cp.launches}
     assert kinds == {"xbn_stats", "xbn_backward_reduce", "xbn_scale_shift", "xbn_backward_apply"}
@@ -129,8 +136,8 @@ def test_registered_ops_run_the_kernels(fake, shape, axis, dtype):
 def test_vector_width_follows_real_pointers(fake):
     cp, kc = fake
     base = cp.asarray(np.arange(4 * 3 * 64 + 1, dtype=np.float32))
-    aligned = cp.asarray(np.asarray(base[1:]).reshape(4, 3, 64))        # fresh, aligned copy
-    shifted = base[1:].reshape(4, 3, 64)                                 # 4 bytes off
+    aligned = cp.asarray(np.asarray(base[1:]).reshape(4, 3, 64))  # fresh, aligned copy
+    shifted = base[1:].reshape(4, 3, 64)  # 4 bytes off
     assert shifted.flags.c_contiguous and shifted.data.ptr % 16 == 4
     m1, v1 = kc.launch_batch_stats(aligned, axis=1)
     m2, v2 = kc.launch_batch_stats(shifted, axis=1)
@@ -167,10 +174,11 @@ def test_fallbacks(fake):
     assert kc.launch_scale_shift(x, cp.ones(4, dtype=np.float64), None, axis=1) is None
     assert kc.launch_backward_reduce(x, x, cp.zeros(4, dtype=np.float64), axis=1) is None
     # dy of another dtype or layout than x
-    assert kc.launch_backward_reduce(cp.asarray(xh.astype(np.float64)), x,
-                                     cp.zeros(4, np.float32), axis=1) is None
-    assert kc.launch_backward_apply(strided, strided, *(cp.zeros(4, np.float32),) * 4,
-                                    axis=1) is None
+    assert (
+        kc.launch_backward_reduce(cp.asarray(xh.astype(np.float64)), x, cp.zeros(4, np.float32), axis=1)
+        is None
+    )
+    assert kc.launch_backward_apply(strided, strided, *(cp.zeros(4, np.float32),) * 4, axis=1) is None
     # not an array of this backend at all
     assert kc.launch_batch_stats(xh, axis=1) is None
     # wrong channel count in a coefficient vector
@@ -203,15 +211,17 @@ def _kinds(cp):
 STEP_TOL = {"float32": 1e-5, "float64": 1e-10, "float16": 1e-2}
 
 
-@pytest.mark.parametrize(("shape", "axis", "dtype", "affine", "running", "pdt"), [
-    ((3, 2, 4096), 1, "float32", True, True, "float32"),     # ncl, vectors, split
-    ((300, 24), 1, "float32", False, True, "float32"),       # nlc, vectors, split, no affine
-    ((5, 3, 7), 1, "float16", True, True, "float32"),        # 16-bit input, float32 parameters
-    ((64, 5, 5, 3), -1, "float64", True, False, "float32"),  # float64 input, float32 parameters
-    ((2, 3, 1, 1), 1, "float32", True, True, "float64"),     # M == 2, float64 parameters
-])
-def test_step_ops_are_two_launches_with_the_generic_results(fake, shape, axis, dtype, affine,
-                                                            running, pdt):
+@pytest.mark.parametrize(
+    ("shape", "axis", "dtype", "affine", "running", "pdt"),
+    [
+        ((3, 2, 4096), 1, "float32", True, True, "float32"),  # ncl, vectors, split
+        ((300, 24), 1, "float32", False, True, "float32"),  # nlc, vectors, split, no affine
+        ((5, 3, 7), 1, "float16", True, True, "float32"),  # 16-bit input, float32 parameters
+        ((64, 5, 5, 3), -1, "float64", True, False, "float32"),  # float64 input, float32 parameters
+        ((2, 3, 1, 1), 1, "float32", True, True, "float64"),  # M == 2, float64 parameters
+    ],
+)
+def test_step_ops_are_two_launches_with_the_generic_results(fake, shape, axis, dtype, affine, running, pdt):
     cp, kc = fake
     rng = np.random.default_rng(20)
     c, bs = shape[axis], _bs(len(shape), axis)
@@ -226,13 +236,12 @@ def test_step_ops_are_two_launches_with_the_generic_results(fake, shape, axis, d
     ops = _ops(kc)
     tol = STEP_TOL[dtype]
 
-    y, mean, inv, new_rm, new_rv = kc.batch_norm_forward(x, w, b, rm, rv, axis=axis, eps=1e-4,
-                                                         momentum=0.2, xp=xnp, ops=ops)
+    y, mean, inv, new_rm, new_rv = kc.batch_norm_forward(
+        x, w, b, rm, rv, axis=axis, eps=1e-4, momentum=0.2, xp=xnp, ops=ops
+    )
     assert _kinds(cp) == ["xbn_stats_fused", "xbn_scale_shift"]
-    g = functional.batch_norm_forward(xh, wh, bh, rmh, rvh, axis=axis, eps=1e-4, momentum=0.2,
-                                      xp=xnp)
-    for what, got, want in zip(("y", "mean", "inv", "new_rm", "new_rv"),
-                               (y, mean, inv, new_rm, new_rv), g):
+    g = functional.batch_norm_forward(xh, wh, bh, rmh, rvh, axis=axis, eps=1e-4, momentum=0.2, xp=xnp)
+    for what, got, want in zip(("y", "mean", "inv", "new_rm", "new_rv"), (y, mean, inv, new_rm, new_rv), g):
         if want is None:
             assert got is None, what
             continue
@@ -245,8 +254,7 @@ def test_step_ops_are_two_launches_with_the_generic_results(fake, shape, axis, d
 
     dx, dgamma, dbeta = kc.batch_norm_backward(dy, x, mean, inv, w, axis=axis, xp=xnp, ops=ops)
     assert _kinds(cp) == ["xbn_backward_reduce_fused", "xbn_backward_apply"]
-    gdx, gdg, gdb = functional.batch_norm_backward(dyh, xh, _np(mean), _np(inv), wh, axis=axis,
-                                                   xp=xnp)
+    gdx, gdg, gdb = functional.batch_norm_backward(dyh, xh, _np(mean), _np(inv), wh, axis=axis, xp=xnp)
     for what, got, want in (("dx", dx, gdx), ("dgamma", dgamma, gdg), ("dbeta", dbeta, gdb)):
         assert got.dtype == want.dtype, (what, got.dtype, want.dtype)
         terms = float(np.max(np.abs(want))) or 1.0
@@ -269,11 +277,10 @@ def test_eval_mode_backward(fake):
     x, dy, m, i, w = (cp.asarray(a) for a in (xh, dyh, mh, ih, wh))
     ops = _ops(kc)
     for need in (True, False):
-        got = ops.batch_norm_backward(dy, x, m, i, w, axis=1, batch_stats_used=False,
-                                      need_param_grads=need)
-        want = functional.batch_norm_backward(dyh, xh, mh, ih, wh, axis=1,
-                                              batch_stats_used=False, need_param_grads=need,
-                                              xp=xnp)
+        got = ops.batch_norm_backward(dy, x, m, i, w, axis=1, batch_stats_used=False, need_param_grads=need)
+        want = functional.batch_norm_backward(
+            dyh, xh, mh, ih, wh, axis=1, batch_stats_used=False, need_param_grads=need, xp=xnp
+        )
         kinds = _kinds(cp)
         if need:
             assert kinds == ["xbn_backward_reduce_fused", "xbn_scale_shift"]
@@ -282,8 +289,10 @@ def test_eval_mode_backward(fake):
             for g, v in zip(got[1:], want[1:]):  # sums in another order: a few ulp apart
                 assert g.dtype == v.dtype and _rel(g, v.astype(np.float64)) <= 1e-5
         else:  # declined by the fused op, then the generic composition with the fast passes
-            assert kc.batch_norm_backward(dy, x, m, i, w, axis=1, batch_stats_used=False,
-                                          need_param_grads=False) is NotImplemented
+            assert (
+                kc.batch_norm_backward(dy, x, m, i, w, axis=1, batch_stats_used=False, need_param_grads=False)
+                is NotImplemented
+            )
             assert kinds == ["xbn_scale_shift"] and got[1] is None and got[2] is None
             assert np.array_equal(_np(got[0]), want[0])
 
@@ -296,9 +305,9 @@ def test_step_ops_constant_channels_give_exactly_the_bias(fake):
     xh[:, 3] = np.float32(-1234.567)
     x = cp.asarray(xh)
     bh = np.array([0.5, -0.25, 3.0, 1e-3], np.float32)
-    y, mean, inv, _, _ = kc.batch_norm_forward(x, cp.asarray(np.full(4, 2.0, np.float32)),
-                                               cp.asarray(bh), None, None, axis=1, xp=xnp,
-                                               ops=_ops(kc))
+    y, mean, inv, _, _ = kc.batch_norm_forward(
+        x, cp.asarray(np.full(4, 2.0, np.float32)), cp.asarray(bh), None, None, axis=1, xp=xnp, ops=_ops(kc)
+    )
     assert np.all(_np(y)[:, 1] == bh[1]) and np.all(_np(y)[:, 3] == bh[3])
     assert _np(mean)[1] == np.float32(0.1) and _np(mean)[3] == np.float32(-1234.567)
 
@@ -358,11 +367,13 @@ def test_cupy_backend_survives_deepcopy_and_pickle(fake, monkeypatch):
     stub.__getattr__ = lambda name: getattr(xnp, name)
     stub.empty = lambda shape, dtype=np.float32, device=None: cp.empty(shape, dtype)
     namespace_for, device_of = backends._namespace_for, array_api_compat.device
-    monkeypatch.setattr(backends, "_namespace_for",
-                        lambda name: stub if name == "cupy" else namespace_for(name))
+    monkeypatch.setattr(
+        backends, "_namespace_for", lambda name: stub if name == "cupy" else namespace_for(name)
+    )
     monkeypatch.setattr(backends, "_cuda_usable", lambda: True)
-    monkeypatch.setattr(array_api_compat, "device",
-                        lambda a: a.device if isinstance(a, cp.ndarray) else device_of(a))
+    monkeypatch.setattr(
+        array_api_compat, "device", lambda a: a.device if isinstance(a, cp.ndarray) else device_of(a)
+    )
 
     b = backends.resolve("cupy", 0)
     assert (b.name, b.xp, b.device, b.generic) == ("cupy", stub, cp.cuda.Device(0), False)
@@ -380,19 +391,20 @@ def test_cupy_backend_survives_deepcopy_and_pickle(fake, monkeypatch):
     assert g.generic and g.ops.fast == () and g.device == cp.cuda.Device(0)
 
 
-
 # -- the eval-mode forward: one launch ----------------------------------------------------------
 
 
-@pytest.mark.parametrize(("shape", "axis", "dtype", "pdt", "affine"), [
-    ((3, 4, 64), 1, "float32", "float32", (True, True)),     # ncl, float4
-    ((5, 3, 7), 1, "float16", "float32", (True, False)),     # ncl, scalar, 16-bit input
-    ((64, 24), 1, "float32", "float32", (False, True)),      # nlc, vectors
-    ((9, 5, 5, 3), -1, "float64", "float64", (True, True)),  # nlc scalar, float64 throughout
-    ((6, 3, 10), 1, "float64", "float32", (False, False)),   # float32 statistics, float64 input
-])
-def test_batch_norm_inference_is_one_launch_with_the_generic_results(fake, shape, axis, dtype,
-                                                                     pdt, affine):
+@pytest.mark.parametrize(
+    ("shape", "axis", "dtype", "pdt", "affine"),
+    [
+        ((3, 4, 64), 1, "float32", "float32", (True, True)),  # ncl, float4
+        ((5, 3, 7), 1, "float16", "float32", (True, False)),  # ncl, scalar, 16-bit input
+        ((64, 24), 1, "float32", "float32", (False, True)),  # nlc, vectors
+        ((9, 5, 5, 3), -1, "float64", "float64", (True, True)),  # nlc scalar, float64 throughout
+        ((6, 3, 10), 1, "float64", "float32", (False, False)),  # float32 statistics, float64 input
+    ],
+)
+def test_batch_norm_inference_is_one_launch_with_the_generic_results(fake, shape, axis, dtype, pdt, affine):
     """The registered batch_norm_inference is one launch of the inference kernel, whose y is
     bit for bit the generic function's when that runs its scale_shift on the same kernel (the
     per-channel coefficients computed in the kernel round as the array operations do), and
@@ -411,8 +423,7 @@ def test_batch_norm_inference_is_one_launch_with_the_generic_results(fake, shape
     assert _kinds(cp) == ["xbn_inference"]
     assert isinstance(y, cp.ndarray) and y.dtype == xh.dtype and y.shape == shape
     passes = backends.PassOps(**{op: getattr(ops, op) for op in backends.PASS_OPS})
-    same_kernel = functional.batch_norm_inference(x, w, b, rm, rv, axis=axis, eps=1e-3, xp=xnp,
-                                                  ops=passes)
+    same_kernel = functional.batch_norm_inference(x, w, b, rm, rv, axis=axis, eps=1e-3, xp=xnp, ops=passes)
     assert _kinds(cp) == ["xbn_scale_shift"]
     assert _np(y).tobytes() == _np(same_kernel).tobytes()
     want = functional.batch_norm_inference(xh, wh, bh, rmh, rvh, axis=axis, eps=1e-3, xp=xnp)
@@ -454,21 +465,31 @@ def test_layer_eval_forward_is_one_launch_and_its_backward_is_unchanged(fake, mo
 
     cp, kc = fake
     stub = _stub_cupy_namespace(cp, monkeypatch)
-    monkeypatch.setattr(array_api_compat, "array_namespace",
-                        _namespace_with(array_api_compat.array_namespace, cp, stub))
+    monkeypatch.setattr(
+        array_api_compat, "array_namespace", _namespace_with(array_api_compat.array_namespace, cp, stub)
+    )
     # The layer computes on an ndarray subclass as the plain ndarray it views; the fake's arrays
     # are such a subclass, and stand for CuPy's, which it keeps.
     check_array = _arrays.check_array
-    monkeypatch.setattr(_arrays, "check_array", lambda backend, x, what: (
-        x if isinstance(x, cp.ndarray) and backend.owns(x) else check_array(backend, x, what)))
+    monkeypatch.setattr(
+        _arrays,
+        "check_array",
+        lambda backend, x, what: (
+            x if isinstance(x, cp.ndarray) and backend.owns(x) else check_array(backend, x, what)
+        ),
+    )
     rng = np.random.default_rng(42)
     bn = xbn.BatchNorm2d(5, backend="cupy", device=0)
     assert "batch_norm_inference" in bn._backend.ops.fast
-    bn.load_state_dict({"weight": rng.normal(1, 0.2, 5).astype(np.float32),
-                        "bias": rng.normal(size=5).astype(np.float32),
-                        "running_mean": rng.normal(size=5).astype(np.float32),
-                        "running_var": rng.uniform(0.5, 2, 5).astype(np.float32),
-                        "num_batches_tracked": 3})
+    bn.load_state_dict(
+        {
+            "weight": rng.normal(1, 0.2, 5).astype(np.float32),
+            "bias": rng.normal(size=5).astype(np.float32),
+            "running_mean": rng.normal(size=5).astype(np.float32),
+            "running_var": rng.uniform(0.5, 2, 5).astype(np.float32),
+            "num_batches_tracked": 3,
+        }
+    )
     bn.eval()
     xh = rng.normal(size=(4, 5, 6, 6)).astype(np.float32)
     dyh = rng.normal(size=xh.shape).astype(np.float32)
@@ -481,8 +502,9 @@ def test_layer_eval_forward_is_one_launch_and_its_backward_is_unchanged(fake, mo
     assert _rel(y, want.astype(np.float64)) <= 1e-6
     dx = bn.backward(cp.asarray(dyh))
     mean, inv = functional.eval_statistics(rmh, rvh, dtype=xh.dtype, eps=bn.eps, xp=xnp)
-    gdx, gdg, gdb = functional.batch_norm_backward(dyh, xh, mean, inv, wh, axis=1,
-                                                   batch_stats_used=False, xp=xnp)
+    gdx, gdg, gdb = functional.batch_norm_backward(
+        dyh, xh, mean, inv, wh, axis=1, batch_stats_used=False, xp=xnp
+    )
     np.testing.assert_array_equal(_np(dx), gdx)  # dy * (weight * inv): same product, same kernel
     assert _rel(bn.weight.grad, gdg.astype(np.float64)) <= 1e-5
     assert _rel(bn.bias.grad, gdb.astype(np.float64)) <= 1e-5
@@ -505,11 +527,13 @@ def _stub_cupy_namespace(cp, monkeypatch):
     for name in ("empty", "zeros", "ones", "asarray", "full", "empty_like", "zeros_like"):
         setattr(stub, name, make(getattr(xnp, name)))
     namespace_for, device_of = backends._namespace_for, array_api_compat.device
-    monkeypatch.setattr(backends, "_namespace_for",
-                        lambda name: stub if name == "cupy" else namespace_for(name))
+    monkeypatch.setattr(
+        backends, "_namespace_for", lambda name: stub if name == "cupy" else namespace_for(name)
+    )
     monkeypatch.setattr(backends, "_cuda_usable", lambda: True)
-    monkeypatch.setattr(array_api_compat, "device",
-                        lambda a: a.device if isinstance(a, cp.ndarray) else device_of(a))
+    monkeypatch.setattr(
+        array_api_compat, "device", lambda a: a.device if isinstance(a, cp.ndarray) else device_of(a)
+    )
     return stub
 
 
@@ -518,6 +542,7 @@ def _namespace_with(real, cp, stub):
         if arrays and all(isinstance(a, cp.ndarray) for a in arrays if hasattr(a, "shape")):
             return stub
         return real(*arrays, **kwargs)
+
     return namespace
 
 
@@ -529,8 +554,9 @@ def _counters_of(cp, family):
     the arrays the wrapper passed)."""
     from xbn.kernels import _launch as L
 
-    arrays = [n for n in L.ARGUMENTS[family] if n not in ("has_shift", "flags", "eps", "keep",
-                                                          "momentum", "unbias")]
+    arrays = [
+        n for n in L.ARGUMENTS[family] if n not in ("has_shift", "flags", "eps", "keep", "momentum", "unbias")
+    ]
     i = arrays.index("counters")
     return [ptrs[i] for name, ptrs in cp.launch_pointers if name.rsplit("_", 2)[0] == f"xbn_{family}"]
 
@@ -591,28 +617,30 @@ def test_graph_capture_plans_reductions_without_workspace_or_counters(fake):
     x, dy = cp.asarray(xh), cp.asarray(dyh)
     w, b = cp.ones(2, np.float32), cp.zeros(2, np.float32)
     ops = _ops(kc)
-    eager = ops.batch_norm_forward(x, w, b, cp.zeros(2, np.float32), cp.ones(2, np.float32),
-                                   axis=1)
+    eager = ops.batch_norm_forward(x, w, b, cp.zeros(2, np.float32), cp.ones(2, np.float32), axis=1)
     assert all(grid[1] > 1 for _, name, grid, _ in cp.launches if "stats_fused" in name)
     kc._thread_counters().clear()
     cp.launches.clear()
     with cp.capture():
-        got = ops.batch_norm_forward(x, w, b, cp.zeros(2, np.float32), cp.ones(2, np.float32),
-                                     axis=1)
+        got = ops.batch_norm_forward(x, w, b, cp.zeros(2, np.float32), cp.ones(2, np.float32), axis=1)
         grads = ops.batch_norm_backward(dy, x, got[1], got[2], w, axis=1)
         stats = ops.batch_stats(x, axis=1)
     kinds = [(name.rsplit("_", 2)[0], grid) for _, name, grid, _ in cp.launches]
-    assert [k for k, _ in kinds] == ["xbn_stats_fused", "xbn_scale_shift",
-                                     "xbn_backward_reduce_fused", "xbn_backward_apply",
-                                     "xbn_stats"]
-    assert all(grid[1] == 1 for k, grid in kinds if k != "xbn_scale_shift" and
-               k != "xbn_backward_apply")
+    assert [k for k, _ in kinds] == [
+        "xbn_stats_fused",
+        "xbn_scale_shift",
+        "xbn_backward_reduce_fused",
+        "xbn_backward_apply",
+        "xbn_stats",
+    ]
+    assert all(grid[1] == 1 for k, grid in kinds if k != "xbn_scale_shift" and k != "xbn_backward_apply")
     assert kc._thread_counters() == {}, "no counter buffer made (to be zeroed only in the graph)"
     for g, e in zip(got, eager):
         if e is not None:
             assert _rel(g, _np(e).astype(np.float64)) <= 1e-5
-    want = functional.batch_norm_backward(dyh, xh, _np(got[1]), _np(got[2]), np.ones(2, np.float32),
-                                          axis=1, xp=xnp)
+    want = functional.batch_norm_backward(
+        dyh, xh, _np(got[1]), _np(got[2]), np.ones(2, np.float32), axis=1, xp=xnp
+    )
     for g, v in zip(grads, want):
         assert _rel(g, v.astype(np.float64)) <= 1e-4
     np.testing.assert_allclose(_np(stats[1]), xh.astype(np.float64).var(axis=(0, 2)), rtol=1e-5)
@@ -648,6 +676,7 @@ def test_exceptions_between_launches_leave_no_counter_behind(fake):
         def hook(name):
             if name.startswith(prefix):
                 raise exc
+
         return hook
 
     cp.before_launch = interrupt_before("xbn_stats_nlc", RuntimeError("launch failed"))
@@ -664,8 +693,9 @@ def test_exceptions_between_launches_leave_no_counter_behind(fake):
         mean, var = kc.batch_stats(x, axis=1)
         np.testing.assert_allclose(_np(var), xh.astype(np.float64).var(axis=0), rtol=1e-5)
         y, *_ = ops.batch_norm_forward(x, w, b, None, None, axis=1)
-        want = functional.batch_norm_forward(xh, np.ones(16, np.float32), np.zeros(16, np.float32),
-                                             None, None, axis=1, xp=xnp)[0]
+        want = functional.batch_norm_forward(
+            xh, np.ones(16, np.float32), np.zeros(16, np.float32), None, None, axis=1, xp=xnp
+        )[0]
         assert _rel(y, want.astype(np.float64)) <= 1e-5
     assert all(not np.asarray(buf).any() for buf in kc._thread_counters().values())
 

@@ -22,15 +22,16 @@ import array_api_compat.numpy as xnp
 import numpy as np
 import pytest
 
-import host_kernels as hk
-import reference as ref
 from xbn import functional as F
 from xbn.kernels import _launch as L
+
+import host_kernels as hk
+import reference as ref
 
 pytestmark = pytest.mark.skipif(
     hk.compiler() is None,
     reason="needs g++ (C++20 <barrier>, _Float16, -fsanitize=address,undefined) to run the "
-           "CUDA kernels on the CPU",
+    "CUDA kernels on the CPU",
 )
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
@@ -41,17 +42,17 @@ OUTPUT_TOL = {"float32": 2e-6, "float64": 1e-12, "float16": 1e-3, "bfloat16": 8e
 
 # (shape, channel axis): the edge cases, scaled to what an emulator runs in seconds.
 SHAPES = [
-    ((4, 1, 6, 5), 1),        # C == 1 (one long channel)
-    ((5, 3, 7), 1),           # C == 3, S == 7
-    ((13, 3, 1, 1), 1),       # S == 1: channels-last, C == 3
-    ((3, 5, 31), 1),          # prime S, N * S == 93
-    ((8, 96, 2, 2), 1),       # large C, tiny spatial
-    ((2, 2, 4099), 1),        # tiny C, large prime spatial: split over blocks, scalar loads
-    ((2, 2, 4096), 1),        # tiny C, large spatial: split over blocks, vector loads
-    ((100, 24), 1),           # (N, C)
-    ((64, 5, 5, 8), -1),      # NHWC
-    ((6, 4, 9, 3), 2),        # a middle channel axis
-    ((257, 33), 1),           # channels-last with C just over one warp of columns
+    ((4, 1, 6, 5), 1),  # C == 1 (one long channel)
+    ((5, 3, 7), 1),  # C == 3, S == 7
+    ((13, 3, 1, 1), 1),  # S == 1: channels-last, C == 3
+    ((3, 5, 31), 1),  # prime S, N * S == 93
+    ((8, 96, 2, 2), 1),  # large C, tiny spatial
+    ((2, 2, 4099), 1),  # tiny C, large prime spatial: split over blocks, scalar loads
+    ((2, 2, 4096), 1),  # tiny C, large spatial: split over blocks, vector loads
+    ((100, 24), 1),  # (N, C)
+    ((64, 5, 5, 8), -1),  # NHWC
+    ((6, 4, 9, 3), 2),  # a middle channel axis
+    ((257, 33), 1),  # channels-last with C just over one warp of columns
 ]
 
 
@@ -178,20 +179,29 @@ def test_harness_reports_a_broken_launch():
     layout = L.plan_layout(x.shape, 1, c_contiguous=True)
     good = L.plan("stats", layout, 1, sm_count=1)
     bad = L.LaunchPlan(good.kernel, good.grid, (48, 1, 1), good.args, good.parts, 0, 0)
-    values = {"x": x, "mean": np.zeros(1, np.float32), "var": np.zeros(1, np.float32),
-              "ws_a": np.zeros(1, np.float32), "ws_b": np.zeros(1, np.float32),
-              "ws_n": np.zeros(1, np.int32), "counters": np.zeros(1, np.uint32)}
+    values = {
+        "x": x,
+        "mean": np.zeros(1, np.float32),
+        "var": np.zeros(1, np.float32),
+        "ws_a": np.zeros(1, np.float32),
+        "ws_b": np.zeros(1, np.float32),
+        "ws_n": np.zeros(1, np.int32),
+        "counters": np.zeros(1, np.uint32),
+    }
     with pytest.raises(hk.HostRunError, match="not whole warps"):
         hk.run_kernel("f32", bad, "stats", values)
 
 
-@pytest.mark.parametrize(("shape", "axis", "dtype", "width"), [
-    ((4, 3, 196), 1, "float16", 4),      # 14x14 planes in float16: 8-byte loads
-    ((4, 3, 196), 1, "bfloat16", 4),
-    ((5, 2, 6), 1, "float32", 2),        # S = 6: float2
-    ((64, 12), 1, "float16", 4),         # channels-last, C = 12
-    ((64, 6), 1, "float32", 2),
-])
+@pytest.mark.parametrize(
+    ("shape", "axis", "dtype", "width"),
+    [
+        ((4, 3, 196), 1, "float16", 4),  # 14x14 planes in float16: 8-byte loads
+        ((4, 3, 196), 1, "bfloat16", 4),
+        ((5, 2, 6), 1, "float32", 2),  # S = 6: float2
+        ((64, 12), 1, "float16", 4),  # channels-last, C = 12
+        ((64, 6), 1, "float32", 2),
+    ],
+)
 def test_eight_byte_vectors(shape, axis, dtype, width):
     x, xv = _data(shape, dtype, 8)
     axes, bs = _axes(len(shape), axis), _bshape(len(shape), axis)
@@ -202,8 +212,10 @@ def test_eight_byte_vectors(shape, axis, dtype, width):
     mu = xv.mean(axis=axes).astype(acc)
     s_dy, s_dy_xmu, plan = hk.backward_reduce(x, x, mu, dtype, axis=axis, seed=3)
     assert plan.kernel.endswith(f"_v{width}")
-    assert _rel(s_dy_xmu, (xv * (xv - mu.astype(np.float64).reshape(bs))).sum(axis=axes)) \
+    assert (
+        _rel(s_dy_xmu, (xv * (xv - mu.astype(np.float64).reshape(bs))).sum(axis=axes))
         <= 4 * REDUCE_TOL[dtype]
+    )
     k = np.linspace(0.5, 1.5, shape[axis]).astype(acc)
     dx, plan = hk.backward_apply(x, x, mu, k, k, k, dtype, axis=axis)
     assert plan.kernel.endswith(f"_v{width}")
@@ -222,8 +234,12 @@ def test_eight_byte_vectors(shape, axis, dtype, width):
 FUSED_SHAPES = [((40, 6, 33), 1), ((300, 24), 1), ((2, 1, 5, 7), 1), ((2, 5), 1), ((1, 3, 2), 1)]
 #: (weight and bias, running statistics, parameter dtype): every dtype and every shape meets
 #: each of these, rotated, instead of the whole cross product (which the emulator runs slowly).
-FUSED_VARIANTS = [(True, True, "float32"), (False, False, "float32"), (True, True, "float64"),
-                  (False, True, "float64")]
+FUSED_VARIANTS = [
+    (True, True, "float32"),
+    (False, False, "float32"),
+    (True, True, "float64"),
+    (False, True, "float64"),
+]
 
 
 def _variant(shape_index: int, dtype: str):
@@ -235,12 +251,12 @@ def _same_bits(got: np.ndarray, expect: np.ndarray, what: str) -> None:
     assert got.dtype == expect.dtype, (what, got.dtype, expect.dtype)
     assert got.tobytes() == expect.tobytes(), (
         f"{what}: not the generic formula's result bit for bit; max difference "
-        f"{np.max(np.abs(got.astype(np.float64) - expect.astype(np.float64))):.3e}")
+        f"{np.max(np.abs(got.astype(np.float64) - expect.astype(np.float64))):.3e}"
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("index", range(len(FUSED_SHAPES)),
-                         ids=[f"{s}-ax{a}" for s, a in FUSED_SHAPES])
+@pytest.mark.parametrize("index", range(len(FUSED_SHAPES)), ids=[f"{s}-ax{a}" for s, a in FUSED_SHAPES])
 def test_fused_epilogues_are_the_generic_formulas(index, dtype):
     """The fused kernels' per-channel results equal xbn.functional's formulas applied to the
     plain kernels' statistics and sums, bit for bit (the reductions are the same code and the
@@ -249,7 +265,7 @@ def test_fused_epilogues_are_the_generic_formulas(index, dtype):
     shape, axis = FUSED_SHAPES[index]
     affine, running, pdt = _variant(index, dtype)
     acc = np.dtype(L.accumulator_dtype(dtype))
-    c, axes, bs = shape[axis], _axes(len(shape), axis), _bshape(len(shape), axis)
+    c, bs = shape[axis], _bshape(len(shape), axis)
     m_count = int(np.prod(shape)) // c
     x, xv = _data(shape, dtype, 11, loc=3.0)
     dy, dyv = _data(shape, dtype, 12, loc=0.0, scale=1.0)
@@ -260,8 +276,9 @@ def test_fused_epilogues_are_the_generic_formulas(index, dtype):
     rv = rng.uniform(0.5, 2.0, size=c).astype(pdt) if running else None
     eps, momentum = 1e-3, 0.3
 
-    fwd, plan = hk.stats_fused(x, w, b, rm, rv, dtype, axis=axis, eps=eps, momentum=momentum,
-                               param_dtype=pdt, seed=5)
+    fwd, plan = hk.stats_fused(
+        x, w, b, rm, rv, dtype, axis=axis, eps=eps, momentum=momentum, param_dtype=pdt, seed=5
+    )
     mean, var, plain = hk.batch_stats(x, dtype, axis=axis, seed=5)
     assert (plan.grid, plan.block, plan.args) == (plain.grid, plain.block, plain.args)
     inv = F.invstd(var, eps=eps, xp=xnp)
@@ -271,8 +288,7 @@ def test_fused_epilogues_are_the_generic_formulas(index, dtype):
     _same_bits(fwd["scale"], scale, "scale")
     _same_bits(fwd["shift"], shift, "shift")
     if running:
-        new_rm, new_rv = F.updated_running_stats(rm, rv, mean, var, count=m_count,
-                                                 momentum=momentum, xp=xnp)
+        new_rm, new_rv = F.updated_running_stats(rm, rv, mean, var, count=m_count, momentum=momentum, xp=xnp)
         _same_bits(fwd["new_running_mean"], new_rm, "new running mean")
         _same_bits(fwd["new_running_var"], new_rv, "new running var")
         rm64, rv64, _ = ref.update_running(rm, rv, xv, axis=axis, momentum=momentum)
@@ -287,12 +303,12 @@ def test_fused_epilogues_are_the_generic_formulas(index, dtype):
     y, _ = hk.scale_shift(x, fwd["scale"], fwd["shift"], dtype, axis=axis)
     assert _rel(hk.from_storage(y, dtype), want["y"]) <= 4 * OUTPUT_TOL[dtype]
 
-    bwd, plan = hk.backward_reduce_fused(dy, x, fwd["mean"], fwd["inv"], w, dtype, axis=axis,
-                                         param_dtype=pdt, seed=6)
+    bwd, plan = hk.backward_reduce_fused(
+        dy, x, fwd["mean"], fwd["inv"], w, dtype, axis=axis, param_dtype=pdt, seed=6
+    )
     s_dy, s_dy_xmu, plain = hk.backward_reduce(dy, x, fwd["mean"], dtype, axis=axis, seed=6)
     assert (plan.grid, plan.block, plan.args) == (plain.grid, plain.block, plain.args)
-    k_dy, k_xmu, k_const = F.backward_coefficients(s_dy, s_dy_xmu, fwd["inv"], w,
-                                                   count=m_count, xp=xnp)
+    k_dy, k_xmu, k_const = F.backward_coefficients(s_dy, s_dy_xmu, fwd["inv"], w, count=m_count, xp=xnp)
     _same_bits(bwd["dgamma"], s_dy_xmu * fwd["inv"], "dgamma")
     _same_bits(bwd["dbeta"], s_dy, "dbeta")
     _same_bits(bwd["k_dy"], k_dy, "k_dy")
@@ -303,8 +319,7 @@ def test_fused_epilogues_are_the_generic_formulas(index, dtype):
     tol = 10 * REDUCE_TOL[dtype] + (1e-4 if dtype in ("float16", "bfloat16") else 0)
     assert _rel(bwd["dbeta"], grads["dbeta"]) <= tol
     assert _rel(bwd["dgamma"], grads["dgamma"]) <= tol
-    dx, _ = hk.backward_apply(dy, x, fwd["mean"], bwd["k_dy"], bwd["k_xmu"], bwd["k_const"],
-                              dtype, axis=axis)
+    dx, _ = hk.backward_apply(dy, x, fwd["mean"], bwd["k_dy"], bwd["k_xmu"], bwd["k_const"], dtype, axis=axis)
     # dx is a difference of terms of the size of dy * k_dy (tiny for M == 2): errors scale with them
     terms = float(np.max(np.abs(dyv * bwd["k_dy"].astype(np.float64).reshape(bs))))
     err = float(np.max(np.abs(hk.from_storage(dx, dtype) - grads["dx"])))
@@ -324,18 +339,18 @@ def test_fused_constant_channels_give_exactly_the_bias(shape, axis, dtype):
         moved[ch] = consts[(ch // 2) % len(consts)]
     acc = np.dtype(L.accumulator_dtype(dtype))
     bias = np.linspace(-1.5, 2.5, c).astype(np.float32)
-    fwd, _ = hk.stats_fused(x, np.full(c, 3.0, np.float32), bias, None, None, dtype,
-                            axis=axis, seed=4)
+    fwd, _ = hk.stats_fused(x, np.full(c, 3.0, np.float32), bias, None, None, dtype, axis=axis, seed=4)
     const = np.arange(c) % 2 == 0
-    assert np.all(fwd["mean"][const] == hk.from_storage(np.moveaxis(x, axis, 0)[const, ...]
-                                                        .reshape(const.sum(), -1)[:, 0], dtype))
+    assert np.all(
+        fwd["mean"][const]
+        == hk.from_storage(np.moveaxis(x, axis, 0)[const, ...].reshape(const.sum(), -1)[:, 0], dtype)
+    )
     assert np.all(fwd["scale"][const] == 0) and np.all(fwd["scale"][~const] != 0)
     _same_bits(fwd["shift"][const], bias.astype(acc)[const], "shift of constant channels")
     y, _ = hk.scale_shift(x, fwd["scale"], fwd["shift"], dtype, axis=axis)
     y_const = np.moveaxis(y, axis, 0)[const]
     expect = hk.to_storage(bias[const].astype(np.float64), dtype)
-    assert np.array_equal(y_const, np.broadcast_to(expect.reshape(-1, *(1,) * (y.ndim - 1)),
-                                                   y_const.shape))
+    assert np.array_equal(y_const, np.broadcast_to(expect.reshape(-1, *(1,) * (y.ndim - 1)), y_const.shape))
 
 
 @pytest.mark.parametrize(("shape", "axis"), [((40, 6, 33), 1), ((300, 24), 1)])
@@ -348,8 +363,9 @@ def test_fused_reductions_are_bitwise_reproducible(shape, axis):
     runs = []
     for seed in (0, 1, 2):
         fwd, plan = hk.stats_fused(x, w, b, rm, rv, "float32", axis=axis, seed=seed)
-        bwd, plan2 = hk.backward_reduce_fused(dy, x, fwd["mean"], fwd["inv"], w, "float32",
-                                              axis=axis, seed=seed)
+        bwd, plan2 = hk.backward_reduce_fused(
+            dy, x, fwd["mean"], fwd["inv"], w, "float32", axis=axis, seed=seed
+        )
         assert plan.parts > 1 and plan2.parts > 1, "the case must split channels over blocks"
         runs.append(b"".join(a.tobytes() for a in (*fwd.values(), *bwd.values())))
     assert runs[1] == runs[0] and runs[2] == runs[0]
@@ -357,13 +373,20 @@ def test_fused_reductions_are_bitwise_reproducible(shape, axis):
 
 # -- the eval-mode forward in one launch --------------------------------------------------------
 
-INFERENCE_SHAPES = [((5, 3, 7), 1), ((4, 3, 64), 1), ((64, 24), 1), ((13, 5, 5, 3), -1),
-                    ((2, 9, 1, 1), 1), ((3, 40, 6), 1)]
+INFERENCE_SHAPES = [
+    ((5, 3, 7), 1),
+    ((4, 3, 64), 1),
+    ((64, 24), 1),
+    ((13, 5, 5, 3), -1),
+    ((2, 9, 1, 1), 1),
+    ((3, 40, 6), 1),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("index", range(len(INFERENCE_SHAPES)),
-                         ids=[f"{s}-ax{a}" for s, a in INFERENCE_SHAPES])
+@pytest.mark.parametrize(
+    "index", range(len(INFERENCE_SHAPES)), ids=[f"{s}-ax{a}" for s, a in INFERENCE_SHAPES]
+)
 def test_inference_kernel_is_scale_shift_with_the_generic_coefficients(index, dtype):
     """The inference kernel's y equals, bit for bit, the scale_shift kernel's y with the
     coefficients of xbn.functional (eval_statistics, scale_shift_coefficients without var=)
@@ -384,16 +407,16 @@ def test_inference_kernel_is_scale_shift_with_the_generic_coefficients(index, dt
         for affine in ((True, True), (False, False), (True, False), (False, True)):
             w = rng.normal(1.0, 0.5, size=c).astype(pdt) if affine[0] else None
             b = rng.normal(size=c).astype(pdt) if affine[1] else None
-            y, plan = hk.inference(x, w, b, rm, rv, dtype, axis=axis, eps=1e-3, param_dtype=pdt,
-                                   seed=3)
+            y, plan = hk.inference(x, w, b, rm, rv, dtype, axis=axis, eps=1e-3, param_dtype=pdt, seed=3)
             mean, inv = F.eval_statistics(rm, rv, dtype=acc, eps=1e-3, xp=xnp)
             assert mean.dtype == acc
             scale, shift = F.scale_shift_coefficients(mean, inv, w, b, xp=xnp)
             want, plain = hk.scale_shift(x, scale, shift, dtype, axis=axis)
             assert plan.args == plain.args  # (the inference kernel may pack channels)
             _same_bits(y, want, f"y ({pdt}, affine {affine})")
-            ref = ref_eval = (xv - rm.astype(np.float64).reshape(_bshape(len(shape), axis))) \
-                / np.sqrt(rv.astype(np.float64) + 1e-3).reshape(_bshape(len(shape), axis))
+            ref = ref_eval = (xv - rm.astype(np.float64).reshape(_bshape(len(shape), axis))) / np.sqrt(
+                rv.astype(np.float64) + 1e-3
+            ).reshape(_bshape(len(shape), axis))
             if w is not None:
                 ref_eval = ref * w.astype(np.float64).reshape(_bshape(len(shape), axis))
             if b is not None:
@@ -402,6 +425,7 @@ def test_inference_kernel_is_scale_shift_with_the_generic_coefficients(index, dt
 
 
 # -- several channels per block (the channel-major inference kernel, small N*S) ------------------
+
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "bfloat16"])
 @pytest.mark.parametrize("shape", [(8, 21, 7, 7), (1, 13, 7, 7), (3, 9, 5)])
@@ -414,8 +438,9 @@ def test_packed_inference_blocks_give_the_results_of_one_channel_per_block(shape
     layout = L.plan_layout(shape, 1, c_contiguous=True)
     packed = L.plan("inference", layout, 1, sm_count=2, threads_per_sm=hk.THREADS_PER_SM)
     assert packed.block[1] > 1 and packed.grid[0] * packed.block[1] > c, packed
-    single = L.LaunchPlan(packed.kernel, (c, packed.grid[1], 1), (packed.block[0], 1, 1),
-                          packed.args, packed.parts, 0, 0)
+    single = L.LaunchPlan(
+        packed.kernel, (c, packed.grid[1], 1), (packed.block[0], 1, 1), packed.args, packed.parts, 0, 0
+    )
     w = np.linspace(0.5, 1.5, c).astype(np.float32)
     b = np.linspace(-1.0, 1.0, c).astype(np.float32)
     rm, rv = np.linspace(-0.5, 0.5, c).astype(np.float32), np.linspace(0.5, 2, c).astype(np.float32)
@@ -425,6 +450,7 @@ def test_packed_inference_blocks_give_the_results_of_one_channel_per_block(shape
 
 
 # -- the last block's merge ---------------------------------------------------------------------
+
 
 def _split_plan(op: str, layout: L.Layout, vec: int, block: tuple[int, int], parts: int):
     """A reduction split ``parts`` ways with a block the test chooses (more partials per merging
@@ -441,15 +467,25 @@ def _split_plan(op: str, layout: L.Layout, vec: int, block: tuple[int, int], par
         parts = -(-layout.outer // chunk)
         gx = -(-cvs // block[0])
         args = (layout.outer, cvs, chunk)
-    return L.LaunchPlan(L.kernel_name(op, layout.kind, vec), (gx, parts, 1), (*block, 1), args,
-                        parts, layout.channels * parts, gx)
+    return L.LaunchPlan(
+        L.kernel_name(op, layout.kind, vec),
+        (gx, parts, 1),
+        (*block, 1),
+        args,
+        parts,
+        layout.channels * parts,
+        gx,
+    )
 
 
-@pytest.mark.parametrize(("shape", "block", "parts"), [
-    ((5000, 8), (2, 2), 37),       # channels-last: 19 partials a thread, five rounds of loads
-    ((5000, 8), (2, 4), 19),       # a round and a ragged one
-    ((3, 2, 3000), (32, 1), 157),  # channel-major: 5 partials a thread, two rounds
-])
+@pytest.mark.parametrize(
+    ("shape", "block", "parts"),
+    [
+        ((5000, 8), (2, 2), 37),  # channels-last: 19 partials a thread, five rounds of loads
+        ((5000, 8), (2, 4), 19),  # a round and a ragged one
+        ((3, 2, 3000), (32, 1), 157),  # channel-major: 5 partials a thread, two rounds
+    ],
+)
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
 def test_merge_in_rounds_matches_float64_and_is_reproducible(shape, block, parts, dtype):
     x, xv = _data(shape, dtype, 35, loc=100.0)
@@ -461,11 +497,18 @@ def test_merge_in_rounds_matches_float64_and_is_reproducible(shape, block, parts
     mu = xv.mean(axis=axes).astype(acc)
     runs = []
     for seed in (0, 1, 2):
-        mean, var, p = hk.batch_stats(x, dtype, axis=1, seed=seed,
-                                      plan=_split_plan("stats", layout, vec, block, parts))
-        s1, s2, p2 = hk.backward_reduce(dy, x, mu, dtype, axis=1, seed=seed,
-                                        plan=_split_plan("backward_reduce", layout, vec, block,
-                                                         parts))
+        mean, var, p = hk.batch_stats(
+            x, dtype, axis=1, seed=seed, plan=_split_plan("stats", layout, vec, block, parts)
+        )
+        s1, s2, p2 = hk.backward_reduce(
+            dy,
+            x,
+            mu,
+            dtype,
+            axis=1,
+            seed=seed,
+            plan=_split_plan("backward_reduce", layout, vec, block, parts),
+        )
         assert p.merge_per_thread > L.UNROLL and p2.merge_per_thread > L.UNROLL
         runs.append(b"".join(a.tobytes() for a in (mean, var, s1, s2)))
         assert _rel(mean, xv.mean(axis=axes)) <= REDUCE_TOL[dtype]
@@ -483,16 +526,21 @@ def test_counters_wrap_to_zero_by_themselves():
     p = L.plan("stats", layout, 4, sm_count=hk.SM_COUNT, threads_per_sm=hk.THREADS_PER_SM)
     assert p.parts > 1 and p.counters >= 1
     counters = np.zeros(p.counters + 5, dtype=np.uint32)
-    counters[p.counters:] = 0xDEAD
+    counters[p.counters :] = 0xDEAD
     results = []
     for seed in (0, 4, 9):
-        values = {"x": x, "mean": hk.poison((16,), "float32"), "var": hk.poison((16,), "float32"),
-                  "ws_a": np.full(p.workspace, np.nan, np.float32),
-                  "ws_b": np.full(p.workspace, np.nan, np.float32),
-                  "ws_n": np.full(p.workspace, -7, np.int32), "counters": counters}
+        values = {
+            "x": x,
+            "mean": hk.poison((16,), "float32"),
+            "var": hk.poison((16,), "float32"),
+            "ws_a": np.full(p.workspace, np.nan, np.float32),
+            "ws_b": np.full(p.workspace, np.nan, np.float32),
+            "ws_n": np.full(p.workspace, -7, np.int32),
+            "counters": counters,
+        }
         out = hk.run_kernel("f32", p, "stats", values, seed=seed)
         counters = out["counters"]
-        assert not counters[: p.counters].any() and (counters[p.counters:] == 0xDEAD).all()
+        assert not counters[: p.counters].any() and (counters[p.counters :] == 0xDEAD).all()
         results.append(out["mean"].tobytes() + out["var"].tobytes())
     assert results[1] == results[0] and results[2] == results[0]
     # the harness' atomicInc is CUDA's: wraps at the limit, not at 2**32
@@ -507,6 +555,7 @@ def _kernel_text(name: str) -> str:
 
 
 # -- the numerical promises on tall (N, C) inputs and on infinities -----------------------------
+
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize(("shape", "axis"), [((4096, 6), 1), ((8192, 3), 1), ((3, 2, 4096), 1)])
@@ -526,8 +575,16 @@ def test_constant_channels_on_tall_inputs_with_multi_block_merges(shape, axis, d
     want = moved[const].reshape(const.sum(), -1)[:, 0]
     assert np.array_equal(mean[const], want) and np.all(var[const] == 0)
     bias = np.linspace(-2.0, 3.0, c).astype(np.float32)
-    fwd, fplan = hk.stats_fused(x, np.full(c, 1.5, np.float32), bias, np.zeros(c, np.float32),
-                                np.ones(c, np.float32), dtype, axis=axis, seed=7)
+    fwd, fplan = hk.stats_fused(
+        x,
+        np.full(c, 1.5, np.float32),
+        bias,
+        np.zeros(c, np.float32),
+        np.ones(c, np.float32),
+        dtype,
+        axis=axis,
+        seed=7,
+    )
     assert fplan.parts > 1
     assert np.array_equal(fwd["mean"][const], want) and np.all(fwd["scale"][const] == 0)
     y, _ = hk.scale_shift(x, fwd["scale"], fwd["shift"], dtype, axis=axis)
@@ -554,9 +611,16 @@ def test_infinities_propagate_as_in_torch(shape, axis, dtype):
     x = np.ascontiguousarray(np.moveaxis(moved.reshape(c, *rest), 0, axis))
     xv = hk.from_storage(x, dtype)
     finite = [ch for ch in range(c) if ch not in placements and ch != 3]
-    fwd, plan = hk.stats_fused(x, np.ones(c, np.float32), np.zeros(c, np.float32),
-                               np.zeros(c, np.float32), np.ones(c, np.float32), dtype, axis=axis,
-                               seed=8)
+    fwd, plan = hk.stats_fused(
+        x,
+        np.ones(c, np.float32),
+        np.zeros(c, np.float32),
+        np.zeros(c, np.float32),
+        np.ones(c, np.float32),
+        dtype,
+        axis=axis,
+        seed=8,
+    )
     mean, var, _ = hk.batch_stats(x, dtype, axis=axis, seed=8)
     y, _ = hk.scale_shift(x, fwd["scale"], fwd["shift"], dtype, axis=axis)
     yv = np.moveaxis(hk.from_storage(y, dtype), axis, 0).reshape(c, -1)

@@ -336,8 +336,13 @@ def batch_norm_forward(
     if running_mean is None or running_var is None:
         return y, mean, inv, None, None
     new_mean, new_var = updated_running_stats(
-        running_mean, running_var, mean, var,
-        count=values_per_channel(tuple(x.shape), axis), momentum=momentum, xp=xp,
+        running_mean,
+        running_var,
+        mean,
+        var,
+        count=values_per_channel(tuple(x.shape), axis),
+        momentum=momentum,
+        xp=xp,
     )
     return y, mean, inv, new_mean, new_var
 
@@ -465,9 +470,7 @@ def batch_norm_backward(
         return dx, sum_dy_xmu * inv, sum_dy
     sum_dy, sum_dy_xmu = ops.backward_reduce(dy, x, mean, axis=axis, xp=xp)
     count = values_per_channel(x.shape, axis)
-    k_dy, k_xmu, k_const = backward_coefficients(
-        sum_dy, sum_dy_xmu, inv, weight, count=count, xp=xp
-    )
+    k_dy, k_xmu, k_const = backward_coefficients(sum_dy, sum_dy_xmu, inv, weight, count=count, xp=xp)
     dx = ops.backward_apply(dy, x, mean, k_dy, k_xmu, k_const, axis=axis, xp=xp)
     return dx, sum_dy_xmu * inv, sum_dy
 

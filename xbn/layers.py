@@ -16,6 +16,7 @@ from typing import Any
 
 from . import _arrays, ghost
 from . import functional as F
+from .backends import Backend
 from .module import BackwardBeforeForwardError, Module, Parameter
 
 Array = Any
@@ -62,8 +63,9 @@ class _EvalStatistics:
     eps: float
 
     def resolve(self, saved: SavedForward, xp: Any) -> SavedForward:
-        mean, inv = F.eval_statistics(self.running_mean, self.running_var, dtype=saved.x.dtype,
-                                      eps=self.eps, xp=xp)
+        mean, inv = F.eval_statistics(
+            self.running_mean, self.running_var, dtype=saved.x.dtype, eps=self.eps, xp=xp
+        )
         return dataclasses.replace(saved, mean=mean, invstd=inv, extra=None)
 
 
@@ -103,6 +105,7 @@ class BatchNorm(Module):
 
     #: Input ranks the class accepts; None means any rank >= 2.
     _valid_ndims: tuple[int, ...] | None = None
+    _backend: Backend  # always set: a BatchNorm owns arrays
 
     def __init__(
         self,
@@ -230,7 +233,9 @@ class BatchNorm(Module):
         count = F.values_per_channel(tuple(x.shape), axis)
         if batch_stats:
             self._check_batch(tuple(x.shape), axis)
-        return ForwardCall(x, axis, batch_stats, batch_stats and training and self.running_mean is not None, count)
+        return ForwardCall(
+            x, axis, batch_stats, batch_stats and training and self.running_mean is not None, count
+        )
 
     def _check_batch(self, shape: tuple[int, ...], axis: int) -> None:
         """The batch must give statistics: more than one value per channel (per ghost batch)."""
@@ -258,23 +263,51 @@ class BatchNorm(Module):
         vbs = self.virtual_batch_size
         if vbs is not None and x.shape[0] > vbs:
             return ghost.forward(
-                x, w, b, self.running_mean if update else None, self.running_var if update else None,
-                axis=axis, eps=self.eps, momentum=momentum, group=vbs, xp=self.xp,
+                x,
+                w,
+                b,
+                self.running_mean if update else None,
+                self.running_var if update else None,
+                axis=axis,
+                eps=self.eps,
+                momentum=momentum,
+                group=vbs,
+                xp=self.xp,
             )
         y, mean, inv, new_mean, new_var = self._backend.ops.batch_norm_forward(
-            x, w, b, self.running_mean if update else None, self.running_var if update else None,
-            axis=axis, eps=self.eps, momentum=momentum,
+            x,
+            w,
+            b,
+            self.running_mean if update else None,
+            self.running_var if update else None,
+            axis=axis,
+            eps=self.eps,
+            momentum=momentum,
         )
         return y, mean, inv, new_mean, new_var, None
 
     def _train_backward(self, dy: Array, saved: SavedForward) -> tuple[Array, Array | None, Array | None]:
         """(dx, dgamma, dbeta) of a forward that used batch statistics."""
         if isinstance(saved.extra, ghost.Groups):
-            return ghost.backward(dy, saved.x, saved.mean, saved.invstd, saved.weight,
-                                  axis=saved.axis, groups=saved.extra, xp=self.xp)
+            return ghost.backward(
+                dy,
+                saved.x,
+                saved.mean,
+                saved.invstd,
+                saved.weight,
+                axis=saved.axis,
+                groups=saved.extra,
+                xp=self.xp,
+            )
         return self._backend.ops.batch_norm_backward(
-            dy, saved.x, saved.mean, saved.invstd, saved.weight, axis=saved.axis,
-            batch_stats_used=True, need_param_grads=self.affine,
+            dy,
+            saved.x,
+            saved.mean,
+            saved.invstd,
+            saved.weight,
+            axis=saved.axis,
+            batch_stats_used=True,
+            need_param_grads=self.affine,
         )
 
     def backward(self, dy: Array) -> Array:
@@ -292,14 +325,21 @@ class BatchNorm(Module):
             saved = saved.extra.resolve(saved, xp)
         if saved.mean is None:  # empty batch: separate zeros, so the two grads never alias
             dx = xp.empty_like(dy)
-            dgamma, dbeta = (xp.zeros((self.num_features,), dtype=self._dtype, device=self.device)
-                             for _ in range(2))
+            dgamma, dbeta = (
+                xp.zeros((self.num_features,), dtype=self._dtype, device=self.device) for _ in range(2)
+            )
         elif saved.batch_stats_used:
             dx, dgamma, dbeta = self._train_backward(dy, saved)
         else:
             dx, dgamma, dbeta = self._backend.ops.batch_norm_backward(
-                dy, saved.x, saved.mean, saved.invstd, saved.weight, axis=saved.axis,
-                batch_stats_used=False, need_param_grads=self.affine,
+                dy,
+                saved.x,
+                saved.mean,
+                saved.invstd,
+                saved.weight,
+                axis=saved.axis,
+                batch_stats_used=False,
+                need_param_grads=self.affine,
             )
         if self.weight is not None and self.bias is not None:
             self._accumulate_grad(self.weight, dgamma)
@@ -353,9 +393,17 @@ class _BatchNormNd(BatchNorm):
         dtype: Any = "float32",
     ) -> None:
         super().__init__(
-            num_features, axis=1, eps=eps, momentum=momentum, affine=affine,
-            track_running_stats=track_running_stats, virtual_batch_size=virtual_batch_size,
-            frozen=frozen, backend=backend, device=device, dtype=dtype,
+            num_features,
+            axis=1,
+            eps=eps,
+            momentum=momentum,
+            affine=affine,
+            track_running_stats=track_running_stats,
+            virtual_batch_size=virtual_batch_size,
+            frozen=frozen,
+            backend=backend,
+            device=device,
+            dtype=dtype,
         )
 
 

@@ -89,8 +89,15 @@ BLOCKS_PER_SM = 32
 #: coefficients from the running statistics itself (``batch_norm_inference`` in one launch).
 #: A family's name is its kernels' (:func:`kernel_name`) and its launcher's
 #: (``xbn.kernels.cupy.launch_<family>``; ``launch_batch_stats`` for ``stats``).
-OPS = ("stats", "backward_reduce", "scale_shift", "backward_apply", "stats_fused",
-       "backward_reduce_fused", "inference")
+OPS = (
+    "stats",
+    "backward_reduce",
+    "scale_shift",
+    "backward_apply",
+    "stats_fused",
+    "backward_reduce_fused",
+    "inference",
+)
 #: The families with a grid reduction (workspace and counters when parts > 1).
 REDUCTIONS = ("stats", "backward_reduce", "stats_fused", "backward_reduce_fused")
 #: CUDA source of each family.
@@ -116,11 +123,44 @@ ARGUMENTS = {
     "backward_reduce": ("dy", "x", "mean", "sum_dy", "sum_dy_xmu", "ws_a", "ws_b", "counters"),
     "scale_shift": ("x", "scale", "shift", "has_shift", "y"),
     "backward_apply": ("dy", "x", "mean", "k_dy", "k_xmu", "k_const", "dx"),
-    "stats_fused": ("x", "mean", "inv", "scale", "shift", "weight", "bias", "running_mean",
-                    "running_var", "new_running_mean", "new_running_var", "ws_a", "ws_b", "ws_n",
-                    "counters", "eps", "keep", "momentum", "unbias", "flags"),
-    "backward_reduce_fused": ("dy", "x", "mean", "inv", "weight", "dgamma", "dbeta", "k_dy",
-                              "k_xmu", "k_const", "ws_a", "ws_b", "counters", "flags"),
+    "stats_fused": (
+        "x",
+        "mean",
+        "inv",
+        "scale",
+        "shift",
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "new_running_mean",
+        "new_running_var",
+        "ws_a",
+        "ws_b",
+        "ws_n",
+        "counters",
+        "eps",
+        "keep",
+        "momentum",
+        "unbias",
+        "flags",
+    ),
+    "backward_reduce_fused": (
+        "dy",
+        "x",
+        "mean",
+        "inv",
+        "weight",
+        "dgamma",
+        "dbeta",
+        "k_dy",
+        "k_xmu",
+        "k_const",
+        "ws_a",
+        "ws_b",
+        "counters",
+        "flags",
+    ),
     "inference": ("x", "weight", "bias", "running_mean", "running_var", "y", "eps", "flags"),
 }
 
@@ -253,7 +293,7 @@ def plan_layout(shape: Iterable[int], axis: int, *, c_contiguous: bool) -> Layou
     for n in shape[:axis]:
         outer *= n
     inner = 1
-    for n in shape[axis + 1:]:
+    for n in shape[axis + 1 :]:
         inner *= n
     channels = shape[axis]
     if channels == 1:

@@ -38,7 +38,7 @@ def _read(name: str) -> str:
     return resources.files("xbn.kernels").joinpath(name).read_text(encoding="utf-8")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernel_source(name: str) -> str:
     """The text of ``name`` with its local headers inlined (NVRTC then needs no include path).
 

@@ -24,8 +24,9 @@ Launch shapes (:mod:`xbn.kernels._launch` plans them, in plain Python): the chan
 family runs grid (C, parts) with 32-256 threads per block, each block walking a contiguous
 slice of one channel's N*S values (the inference kernel holds several channels a block, one per
 row of threads, where a channel needs fewer than 256 threads); ``parts`` splits a channel only
-as far as one full wave of the GPU needs (small C, large N*S). The channels-last family runs blocks of (TX, TY) threads, TX
-across channels (each thread owning 1 or W channels), TY across rows, and splits rows over
+as far as one full wave of the GPU needs (small C, large N*S). The channels-last family runs
+blocks of (TX, TY) threads, TX across channels (each thread owning 1 or W channels), TY across
+rows, and splits rows over
 ``parts`` blocks, with TX narrowed for a reduction so that the last block merges at most four
 partials per thread. Loads are 16 bytes wide (float4, double2, 8 halves) when every pointer is
 16-byte aligned and S (or C, channels-last) is a multiple of the width, else 8 bytes wide
@@ -141,28 +142,26 @@ def route(shape: tuple[int, ...], dtype: str, *, axis: int, c_contiguous: bool =
 # -- compilation and device properties ----------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module(source: str, key: str, device_id: int) -> Any:
     cupy = _cupy()
     with cupy.cuda.Device(device_id):
-        return cupy.RawModule(
-            code=_source.kernel_source(source), options=_source.compile_options(key)
-        )
+        return cupy.RawModule(code=_source.kernel_source(source), options=_source.compile_options(key))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _function(source: str, key: str, name: str, device_id: int) -> Any:
     cupy = _cupy()
     with cupy.cuda.Device(device_id):
         return _module(source, key, device_id).get_function(name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_id: int) -> int:
     return int(_cupy().cuda.Device(device_id).attributes["MultiProcessorCount"])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _threads_per_sm(source: str, key: str, name: str, device_id: int) -> int:
     """Resident threads per SM of this kernel at MAX_THREADS per block (its occupancy)."""
     cupy = _cupy()
@@ -227,8 +226,9 @@ def _capturing() -> bool:
 
 
 @functools.lru_cache(maxsize=1024)
-def _taken(shape: tuple[int, ...], dtype: Any, axis: int,
-           c_contiguous: bool) -> tuple[_launch.Layout, str, Any] | None:
+def _taken(
+    shape: tuple[int, ...], dtype: Any, axis: int, c_contiguous: bool
+) -> tuple[_launch.Layout, str, Any] | None:
     # Cached: dtype names and the layout cost microseconds of Python on every launch otherwise.
     key = _launch.dtype_key(dtype.name)
     if key is None:
@@ -319,8 +319,7 @@ def _plan(op: str, layout: _launch.Layout, key: str, vec: int, device_id: int) -
     if plan.parts > 1 and _capturing():
         # Under graph capture nothing may outlive the call: one block per channel slice, no
         # workspace, no counters (slower for few channels; rounds as another split would).
-        plan = _launch.plan(op, layout, vec, sm_count=sm_count, threads_per_sm=threads_per_sm,
-                            split=False)
+        plan = _launch.plan(op, layout, vec, sm_count=sm_count, threads_per_sm=threads_per_sm, split=False)
     return plan
 
 
@@ -349,7 +348,9 @@ def _run(op: str, key: str, plan: _launch.LaunchPlan, values: dict[str, Any], de
 # -- one launch per family (None: the kernels do not take these inputs) -------------------------
 
 
-def launch_batch_stats(x: Array, *, axis: int, out: tuple[Array, Array] | None = None) -> tuple[Array, Array] | None:
+def launch_batch_stats(
+    x: Array, *, axis: int, out: tuple[Array, Array] | None = None
+) -> tuple[Array, Array] | None:
     """Per-channel (mean, biased var) by the Welford kernel, or None if it does not take ``x``."""
     taken = _input(x, axis)
     if taken is None:
@@ -362,8 +363,13 @@ def launch_batch_stats(x: Array, *, axis: int, out: tuple[Array, Array] | None =
         var = _output(None if out is None else out[1], x, (c,), acc)
         vec = _launch.vector_width(layout, x.itemsize, (x.data.ptr,))
         plan = _plan("stats", layout, key, vec, dev)
-        _run("stats", key, plan, {"x": x, "mean": mean, "var": var,
-                                  **_workspace(plan, acc, (mean, var), dev, counts=True)}, dev)
+        _run(
+            "stats",
+            key,
+            plan,
+            {"x": x, "mean": mean, "var": var, **_workspace(plan, acc, (mean, var), dev, counts=True)},
+            dev,
+        )
     return mean, var
 
 
@@ -385,9 +391,20 @@ def launch_backward_reduce(
         sum_dy_xmu = _output(None if out is None else out[1], x, (c,), acc)
         vec = _launch.vector_width(layout, x.itemsize, (x.data.ptr, dy.data.ptr))
         plan = _plan("backward_reduce", layout, key, vec, dev)
-        _run("backward_reduce", key, plan, {
-            "dy": dy, "x": x, "mean": mean, "sum_dy": sum_dy, "sum_dy_xmu": sum_dy_xmu,
-            **_workspace(plan, acc, (sum_dy, sum_dy_xmu), dev, counts=False)}, dev)
+        _run(
+            "backward_reduce",
+            key,
+            plan,
+            {
+                "dy": dy,
+                "x": x,
+                "mean": mean,
+                "sum_dy": sum_dy,
+                "sum_dy_xmu": sum_dy_xmu,
+                **_workspace(plan, acc, (sum_dy, sum_dy_xmu), dev, counts=False),
+            },
+            dev,
+        )
     return sum_dy, sum_dy_xmu
 
 
@@ -413,15 +430,32 @@ def launch_scale_shift(
         vec = _launch.vector_width(layout, x.itemsize, (x.data.ptr, y.data.ptr))
         plan = _plan("scale_shift", layout, key, vec, dev)
         # Without a shift the kernel never reads the shift pointer; scale stands in for it.
-        _run("scale_shift", key, plan, {
-            "x": x, "scale": scale, "shift": scale if shift is None else shift,
-            "has_shift": 0 if shift is None else 1, "y": y}, dev)
+        _run(
+            "scale_shift",
+            key,
+            plan,
+            {
+                "x": x,
+                "scale": scale,
+                "shift": scale if shift is None else shift,
+                "has_shift": 0 if shift is None else 1,
+                "y": y,
+            },
+            dev,
+        )
     return y
 
 
 def launch_backward_apply(
-    dy: Array, x: Array, mean: Array, k_dy: Array, k_xmu: Array, k_const: Array,
-    *, axis: int, out: Array | None = None,
+    dy: Array,
+    x: Array,
+    mean: Array,
+    k_dy: Array,
+    k_xmu: Array,
+    k_const: Array,
+    *,
+    axis: int,
+    out: Array | None = None,
 ) -> Array | None:
     """dx = dy * k_dy + (x - mean) * k_xmu + k_const in dy's dtype, or None if not taken."""
     taken = _input(x, axis)
@@ -438,14 +472,19 @@ def launch_backward_apply(
         vec = _launch.vector_width(layout, x.itemsize, (x.data.ptr, dy.data.ptr, dx.data.ptr))
         plan = _plan("backward_apply", layout, key, vec, dev)
         m, k_dy, k_xmu, k_const = vectors
-        _run("backward_apply", key, plan, {
-            "dy": dy, "x": x, "mean": m, "k_dy": k_dy, "k_xmu": k_xmu, "k_const": k_const,
-            "dx": dx}, dev)
+        _run(
+            "backward_apply",
+            key,
+            plan,
+            {"dy": dy, "x": x, "mean": m, "k_dy": k_dy, "k_xmu": k_xmu, "k_const": k_const, "dx": dx},
+            dev,
+        )
     return dx
 
 
-def _workspace(plan: _launch.LaunchPlan, acc: Any, placeholders: tuple[Array, Array], dev: int,
-               *, counts: bool) -> dict[str, Any]:
+def _workspace(
+    plan: _launch.LaunchPlan, acc: Any, placeholders: tuple[Array, Array], dev: int, *, counts: bool
+) -> dict[str, Any]:
     """A reduction's partials and counters; with one part, placeholders the kernel never touches
     (outputs of the launch: nothing is allocated, and no counter buffer is made, which under
     graph capture would be zeroed only in the graph)."""
@@ -453,7 +492,7 @@ def _workspace(plan: _launch.LaunchPlan, acc: Any, placeholders: tuple[Array, Ar
     if plan.parts > 1:
         ws = cupy.empty(2 * plan.workspace, dtype=acc)
         counters = _counters(plan.counters, dev)
-        values = {"ws_a": ws[: plan.workspace], "ws_b": ws[plan.workspace:], "counters": counters}
+        values = {"ws_a": ws[: plan.workspace], "ws_b": ws[plan.workspace :], "counters": counters}
         if counts:
             values["ws_n"] = cupy.empty(plan.workspace, dtype=cupy.int32)
         return values
@@ -464,8 +503,15 @@ def _workspace(plan: _launch.LaunchPlan, acc: Any, placeholders: tuple[Array, Ar
 
 
 def launch_stats_fused(
-    x: Array, weight: Array | None, bias: Array | None, running_mean: Array | None,
-    running_var: Array | None, *, axis: int, eps: float, momentum: float,
+    x: Array,
+    weight: Array | None,
+    bias: Array | None,
+    running_mean: Array | None,
+    running_var: Array | None,
+    *,
+    axis: int,
+    eps: float,
+    momentum: float,
     out: tuple[Array | None, ...] | None = None,
 ) -> tuple[Array, Array, Array, Array, Array | None, Array | None] | None:
     """The statistics kernel with the forward's per-channel work in its last block:
@@ -502,27 +548,51 @@ def launch_stats_fused(
         new_var = _output(outs[5], x, (c,), pdt) if running else None
         vec = _launch.vector_width(layout, x.itemsize, (x.data.ptr,))
         plan = _plan("stats_fused", layout, key, vec, dev)
-        flags = ((_launch.FLAG_HAS_WEIGHT if weight is not None else 0)
-                 | (_launch.FLAG_HAS_BIAS if bias is not None else 0)
-                 | (_launch.FLAG_HAS_RUNNING if running else 0)
-                 | (_launch.FLAG_PARAMS_F64 if pdt == _F64 else 0))
+        flags = (
+            (_launch.FLAG_HAS_WEIGHT if weight is not None else 0)
+            | (_launch.FLAG_HAS_BIAS if bias is not None else 0)
+            | (_launch.FLAG_HAS_RUNNING if running else 0)
+            | (_launch.FLAG_PARAMS_F64 if pdt == _F64 else 0)
+        )
         # Absent vectors: the flags keep the kernel off them; an output stands in for the pointer.
-        _run("stats_fused", key, plan, {
-            "x": x, "mean": mean, "inv": inv, "scale": scale, "shift": shift,
-            "weight": mean if weight is None else weight, "bias": mean if bias is None else bias,
-            "running_mean": running_mean if running else mean,
-            "running_var": running_var if running else mean,
-            "new_running_mean": new_mean if running else mean,
-            "new_running_var": new_var if running else mean,
-            **_workspace(plan, acc, (mean, inv), dev, counts=True),
-            "eps": float(eps), "keep": float(keep), "momentum": float(m), "unbias": float(unbias),
-            "flags": flags}, dev)
+        _run(
+            "stats_fused",
+            key,
+            plan,
+            {
+                "x": x,
+                "mean": mean,
+                "inv": inv,
+                "scale": scale,
+                "shift": shift,
+                "weight": mean if weight is None else weight,
+                "bias": mean if bias is None else bias,
+                "running_mean": running_mean if running else mean,
+                "running_var": running_var if running else mean,
+                "new_running_mean": new_mean if running else mean,
+                "new_running_var": new_var if running else mean,
+                **_workspace(plan, acc, (mean, inv), dev, counts=True),
+                "eps": float(eps),
+                "keep": float(keep),
+                "momentum": float(m),
+                "unbias": float(unbias),
+                "flags": flags,
+            },
+            dev,
+        )
     return mean, inv, scale, shift, new_mean, new_var
 
 
 def launch_inference(
-    x: Array, weight: Array | None, bias: Array | None, running_mean: Array | None,
-    running_var: Array | None, *, axis: int, eps: float, out: Array | None = None,
+    x: Array,
+    weight: Array | None,
+    bias: Array | None,
+    running_mean: Array | None,
+    running_var: Array | None,
+    *,
+    axis: int,
+    eps: float,
+    out: Array | None = None,
 ) -> Array | None:
     """An eval-mode forward in one launch: y = x * scale + shift with each channel's scale and
     shift computed in the kernel from the running statistics, weight and bias
@@ -548,19 +618,39 @@ def launch_inference(
         y = _output(out, x, x.shape, x.dtype)
         vec = _launch.vector_width(layout, x.itemsize, (x.data.ptr, y.data.ptr))
         plan = _plan("inference", layout, key, vec, dev)
-        flags = ((_launch.FLAG_HAS_WEIGHT if weight is not None else 0)
-                 | (_launch.FLAG_HAS_BIAS if bias is not None else 0)
-                 | (_launch.FLAG_PARAMS_F64 if pdt == _F64 else 0))
+        flags = (
+            (_launch.FLAG_HAS_WEIGHT if weight is not None else 0)
+            | (_launch.FLAG_HAS_BIAS if bias is not None else 0)
+            | (_launch.FLAG_PARAMS_F64 if pdt == _F64 else 0)
+        )
         # Absent vectors: the flags keep the kernel off them; the running mean stands in.
-        _run("inference", key, plan, {
-            "x": x, "weight": running_mean if weight is None else weight,
-            "bias": running_mean if bias is None else bias, "running_mean": running_mean,
-            "running_var": running_var, "y": y, "eps": float(eps), "flags": flags}, dev)
+        _run(
+            "inference",
+            key,
+            plan,
+            {
+                "x": x,
+                "weight": running_mean if weight is None else weight,
+                "bias": running_mean if bias is None else bias,
+                "running_mean": running_mean,
+                "running_var": running_var,
+                "y": y,
+                "eps": float(eps),
+                "flags": flags,
+            },
+            dev,
+        )
     return y
 
 
 def launch_backward_reduce_fused(
-    dy: Array, x: Array, mean: Array, inv: Array, weight: Array | None, *, axis: int,
+    dy: Array,
+    x: Array,
+    mean: Array,
+    inv: Array,
+    weight: Array | None,
+    *,
+    axis: int,
     out: tuple[Array, ...] | None = None,
 ) -> tuple[Array, Array, Array, Array, Array] | None:
     """The backward reduction with the backward's per-channel work in its last block:
@@ -585,13 +675,29 @@ def launch_backward_reduce_fused(
         dgamma, dbeta, k_dy, k_xmu, k_const = (_output(o, x, (c,), acc) for o in outs)
         vec = _launch.vector_width(layout, x.itemsize, (x.data.ptr, dy.data.ptr))
         plan = _plan("backward_reduce_fused", layout, key, vec, dev)
-        flags = ((_launch.FLAG_HAS_WEIGHT if weight is not None else 0)
-                 | (_launch.FLAG_PARAMS_F64 if pdt == _F64 else 0))
-        _run("backward_reduce_fused", key, plan, {
-            "dy": dy, "x": x, "mean": mean, "inv": inv,
-            "weight": inv if weight is None else weight, "dgamma": dgamma, "dbeta": dbeta,
-            "k_dy": k_dy, "k_xmu": k_xmu, "k_const": k_const,
-            **_workspace(plan, acc, (dgamma, dbeta), dev, counts=False), "flags": flags}, dev)
+        flags = (_launch.FLAG_HAS_WEIGHT if weight is not None else 0) | (
+            _launch.FLAG_PARAMS_F64 if pdt == _F64 else 0
+        )
+        _run(
+            "backward_reduce_fused",
+            key,
+            plan,
+            {
+                "dy": dy,
+                "x": x,
+                "mean": mean,
+                "inv": inv,
+                "weight": inv if weight is None else weight,
+                "dgamma": dgamma,
+                "dbeta": dbeta,
+                "k_dy": k_dy,
+                "k_xmu": k_xmu,
+                "k_const": k_const,
+                **_workspace(plan, acc, (dgamma, dbeta), dev, counts=False),
+                "flags": flags,
+            },
+            dev,
+        )
     return dgamma, dbeta, k_dy, k_xmu, k_const
 
 
@@ -626,8 +732,16 @@ def backward_reduce(
 
 @register_kernel("cupy", "backward_apply")
 def backward_apply(
-    dy: Array, x: Array, mean: Array, k_dy: Array, k_xmu: Array, k_const: Array, /,
-    *, axis: int, xp: ModuleType | None = None,
+    dy: Array,
+    x: Array,
+    mean: Array,
+    k_dy: Array,
+    k_xmu: Array,
+    k_const: Array,
+    /,
+    *,
+    axis: int,
+    xp: ModuleType | None = None,
 ) -> Array:
     """:func:`xbn.functional.backward_apply` in one elementwise kernel."""
     result = launch_backward_apply(dy, x, mean, k_dy, k_xmu, k_const, axis=axis)
@@ -651,8 +765,9 @@ def batch_norm_forward(
 ) -> tuple[Array, Array, Array, Array | None, Array | None]:
     """:func:`xbn.functional.batch_norm_forward` in two launches: stats_fused, then
     scale_shift. (``ops`` is the generic composition's; the seam uses it where this declines.)"""
-    fused = launch_stats_fused(x, weight, bias, running_mean, running_var, axis=axis, eps=eps,
-                               momentum=momentum)
+    fused = launch_stats_fused(
+        x, weight, bias, running_mean, running_var, axis=axis, eps=eps, momentum=momentum
+    )
     if fused is None:
         return NotImplemented
     mean, inv, scale, shift, new_mean, new_var = fused
