@@ -490,6 +490,29 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def _commit() -> str | None:
+    """The measured checkout's commit, with '+dirty' when xbn's own files differ from it (the
+    workers import the working tree, so a change made during a run is measured too)."""
+    import subprocess
+
+    import xbn
+
+    root = Path(xbn.__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if sha.returncode != 0:
+        return None
+    return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _span(before: str | None, after: str | None) -> str | None:
+    """One commit, or 'A at the start, B at the end' when the checkout changed during the run."""
+    return before if before == after else f"{before} at the start, {after} at the end"
+
+
 # -- report -------------------------------------------------------------------------------
 
 
@@ -594,7 +617,7 @@ def write_markdown(path: Path, results: list[dict[str, Any]], meta: dict[str, An
             f"{_ms(t.get('bwd'))} | {_ratio(m['xbn']['fwd'], r['floor_s']['fwd'])} | {_ratio(m['xbn']['bwd'], r['floor_s']['bwd'])} | "
             f"{_ms(m.get('torch_autograd', {}).get('train'))} |"
         )
-    lines += ["", f"Command: `{meta['command']}`", ""]
+    lines += ["", f"Command: `{meta['command']}`" + (f", commit {meta['commit']}" if meta.get("commit") else ""), ""]
     path.write_text("\n".join(lines))
 
 
@@ -711,6 +734,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     layers: set[str] = set()
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    commit_before = _commit()
     for threads in args.threads:
         for shape, axis, layout in shapes:
             nbytes = math.prod(shape) * 4
@@ -776,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
                          "threading_layer": ", ".join(sorted(layers)) or "none (serial builds only)"}
     else:
         machine_numba = {}
-    meta = {"machine": {**machine_info(), **machine_numba}, "bandwidth": {t: statistics.median(v) for t, v in bandwidth.items()},
+    meta = {"machine": {**machine_info(), **machine_numba}, "commit": _span(commit_before, _commit()), "bandwidth": {t: statistics.median(v) for t, v in bandwidth.items()},
             "engine": engine, "repeats": default_repeats, "rounds": rounds, "processes": "one per implementation and round",
             "loadavg_before": load_before, "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "quick": args.quick, "command": command.strip(), "copy_bytes": copy_bytes,
