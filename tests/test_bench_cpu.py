@@ -38,8 +38,19 @@ def test_each_implementation_runs_in_a_process_of_its_own(tmp_path):
     import os
 
     # torch's process is started the same way as the others, and its import alone takes seconds
-    args = ["--quick", "--rounds", "2", "--threads", "1", "--shapes", "16x4x8x8", "--no-plot", "--no-torch",
-            "--out", str(tmp_path)]
+    args = [
+        "--quick",
+        "--rounds",
+        "2",
+        "--threads",
+        "1",
+        "--shapes",
+        "16x4x8x8",
+        "--no-plot",
+        "--no-torch",
+        "--out",
+        str(tmp_path),
+    ]
     assert cpu.main(args) == 0
     (r,) = json.loads((tmp_path / "cpu.json").read_text())["results"]
     pids = [p["pid"] for p in r["processes"]]

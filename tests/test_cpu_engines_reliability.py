@@ -123,8 +123,13 @@ def _run_threads(engine, extra_env, jobs=4):
     env.update({"XBN_NUMPY_ENGINE": engine, "XBN_NUM_THREADS": "2", "NUMBA_NUM_THREADS": "2"})
     env.update(extra_env)
     env.pop("XBN_FORCE_GENERIC", None)
-    proc = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(jobs)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _THREADS_SCRIPT, str(jobs)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if proc.returncode != 0 and "No threading layer could be loaded" in proc.stderr:
         pytest.skip(f"numba cannot load the {extra_env.get('NUMBA_THREADING_LAYER')!r} threading layer here")
     assert proc.returncode == 0, (
@@ -312,8 +317,11 @@ def test_constant_channel_is_exactly_beta(path, layout, dtype):
 
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
-@pytest.mark.parametrize("case", [((64, 3), 1), ((8, 3, 30, 30), 1), ((8, 20, 20, 3), -1), ((300000, 3), 1)],
-                         ids=lambda c: "x".join(map(str, c[0])))
+@pytest.mark.parametrize(
+    "case",
+    [((64, 3), 1), ((8, 3, 30, 30), 1), ((8, 20, 20, 3), -1), ((300000, 3), 1)],
+    ids=lambda c: "x".join(map(str, c[0])),
+)
 def test_constant_channel_tiny_eps_backward_is_finite(path, case):
     """eps = 1e-30: invstd of a constant channel is 1e15, and sum(dy * (x - mean)) is exactly 0;
     every engine keeps dx finite (the coefficients come from the inside out)."""

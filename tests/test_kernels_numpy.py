@@ -27,16 +27,20 @@ GENERIC = backends.resolve("numpy", generic=True).ops
 HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 
 
-@pytest.fixture(autouse=True, params=[
-    "numpy",
-    pytest.param("numba", marks=pytest.mark.skipif(not HAVE_NUMBA, reason="numba is not installed")),
-])
+@pytest.fixture(
+    autouse=True,
+    params=[
+        "numpy",
+        pytest.param("numba", marks=pytest.mark.skipif(not HAVE_NUMBA, reason="numba is not installed")),
+    ],
+)
 def engine(request):
     """Every test runs on the NumPy passes, and again on the compiled loops where numba is."""
     before = kn._engine
     kn.set_engine(request.param)
     yield request.param
     kn._engine = before
+
 
 # (shape, channel axis): C=1 and C=3, spatial 1, 7 and prime extents, large C with tiny
 # spatial size, channels-last, a channel axis in the middle, rows long enough for the row
@@ -128,13 +132,16 @@ def test_engine_choice():
         assert kn.get_engine() == "numpy"
 
 
-@pytest.mark.parametrize("make, fast", [
-    (lambda x: x, True),
-    (lambda x: np.asfortranarray(x), True),
-    (lambda x: _permuted(x, (0, 2, 3, 1)), True),
-    (lambda x: x[:, :, ::2], False),
-    (lambda x: x[::-1], False),
-])
+@pytest.mark.parametrize(
+    "make, fast",
+    [
+        (lambda x: x, True),
+        (lambda x: np.asfortranarray(x), True),
+        (lambda x: _permuted(x, (0, 2, 3, 1)), True),
+        (lambda x: x[:, :, ::2], False),
+        (lambda x: x[::-1], False),
+    ],
+)
 def test_layouts_routed(make, fast):
     x = make(np.ones((4, 3, 6, 5), np.float32))
     assert (kn._geometry(x, 1) is not None) is fast
@@ -174,8 +181,18 @@ def test_parity_all_ops(case, dtype):
     # downstream ops get identical coefficients, so they are compared one at a time
     inv = F.invstd(var_g, eps=1e-5)
     scale, shift = F.scale_shift_coefficients(mean_g, inv, weight, bias)
-    _close(FAST.scale_shift(x, scale, shift, axis=axis), GENERIC.scale_shift(x, scale, shift, axis=axis), tol, "y")
-    _close(FAST.scale_shift(dy, scale, None, axis=axis), GENERIC.scale_shift(dy, scale, None, axis=axis), tol, "eval dx")
+    _close(
+        FAST.scale_shift(x, scale, shift, axis=axis),
+        GENERIC.scale_shift(x, scale, shift, axis=axis),
+        tol,
+        "y",
+    )
+    _close(
+        FAST.scale_shift(dy, scale, None, axis=axis),
+        GENERIC.scale_shift(dy, scale, None, axis=axis),
+        tol,
+        "eval dx",
+    )
 
     sums_f = FAST.backward_reduce(dy, x, mean_g, axis=axis)
     sums_g = GENERIC.backward_reduce(dy, x, mean_g, axis=axis)
@@ -184,7 +201,12 @@ def test_parity_all_ops(case, dtype):
 
     count = F.values_per_channel(shape, axis % len(shape))
     k = F.backward_coefficients(*sums_g, inv, weight, count=count)
-    _close(FAST.backward_apply(dy, x, mean_g, *k, axis=axis), GENERIC.backward_apply(dy, x, mean_g, *k, axis=axis), tol, "dx")
+    _close(
+        FAST.backward_apply(dy, x, mean_g, *k, axis=axis),
+        GENERIC.backward_apply(dy, x, mean_g, *k, axis=axis),
+        tol,
+        "dx",
+    )
 
 
 @pytest.mark.parametrize("order", [(0, 2, 3, 1), (3, 2, 1, 0), (1, 0, 2, 3)])
@@ -258,7 +280,12 @@ def test_backward_apply_unfoldable_channels(case):
     sums = GENERIC.backward_reduce(dy, x, mean, axis=axis)
     k = F.backward_coefficients(*sums, inv, weight, count=count)
     assert kn._fold_backward(mean, *k, np.dtype(np.float32)) is None
-    _close(FAST.backward_apply(dy, x, mean, *k, axis=axis), GENERIC.backward_apply(dy, x, mean, *k, axis=axis), 2e-5, "dx")
+    _close(
+        FAST.backward_apply(dy, x, mean, *k, axis=axis),
+        GENERIC.backward_apply(dy, x, mean, *k, axis=axis),
+        2e-5,
+        "dx",
+    )
     k_dy, k_xmu, k_const = F.backward_coefficients(*sums, inv, None, count=count)
     k_xmu = k_xmu.copy()
     k_xmu[0] = 0.0
@@ -266,8 +293,9 @@ def test_backward_apply_unfoldable_channels(case):
     _close(got, GENERIC.backward_apply(dy, x, mean, k_dy, k_xmu, k_const, axis=axis), 2e-5, "dx")
 
 
-@pytest.mark.parametrize("case", [((3, 20001), 1), ((64, 8, 32, 32), 1), ((4096, 16), 1), ((8, 14, 14, 32), -1)],
-                         ids=_id)
+@pytest.mark.parametrize(
+    "case", [((3, 20001), 1), ((64, 8, 32, 32), 1), ((4096, 16), 1), ((8, 14, 14, 32), -1)], ids=_id
+)
 def test_backward_apply_large_offset(case):
     """float32 x = 1e4 + N(0, 1): dx as accurate as the generic form (against float64 arithmetic
     on the same coefficients). The four-pass form would round its centre at ulp(1e4) = 1e-3 in
@@ -311,14 +339,18 @@ def test_random_shapes():
         for a, b in zip(FAST.batch_stats(x, axis=axis), GENERIC.batch_stats(x, axis=axis)):
             _close(a, b, tol, f"stats {shape} axis {axis} {np.dtype(dtype).name}")
         mean = GENERIC.batch_stats(x, axis=axis)[0]
-        for a, b in zip(FAST.backward_reduce(dy, x, mean, axis=axis), GENERIC.backward_reduce(dy, x, mean, axis=axis)):
+        for a, b in zip(
+            FAST.backward_reduce(dy, x, mean, axis=axis), GENERIC.backward_reduce(dy, x, mean, axis=axis)
+        ):
             _close(a, b, tol, f"sums {shape} axis {axis}")
 
 
 # -- numerics -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", [((16, 4, 64, 64), 1), ((32, 8, 14, 14), 1), ((4096, 16), 1), ((8, 28, 28, 16), -1)], ids=_id)
+@pytest.mark.parametrize(
+    "case", [((16, 4, 64, 64), 1), ((32, 8, 14, 14), 1), ((4096, 16), 1), ((8, 28, 28, 16), -1)], ids=_id
+)
 def test_large_offset_variance(case):
     """float32 x = 1e4 + N(0, 1): the variance within 1e-3 of the float64 one (of the same data)."""
     shape, axis = case
@@ -333,7 +365,9 @@ def test_large_offset_variance(case):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("case", [((8, 5, 64, 64), 1), ((6, 5, 7, 7), 1), ((500, 5), 1), ((4, 9, 9, 5), -1)], ids=_id)
+@pytest.mark.parametrize(
+    "case", [((8, 5, 64, 64), 1), ((6, 5, 7, 7), 1), ((500, 5), 1), ((4, 9, 9, 5), -1)], ids=_id
+)
 def test_constant_channel_exact(case, dtype):
     """A constant channel has mean exactly its value and variance exactly 0, so the layer can
     give it exactly beta; scale 0 then gives exactly the shift."""
@@ -393,7 +427,9 @@ def threads():
     kn.set_num_threads(before)
 
 
-@pytest.mark.parametrize("case", [((8, 16, 64, 64), 1), ((64, 32, 14, 14), 1), ((16, 28, 28, 32), -1), ((8192, 64), 1)], ids=_id)
+@pytest.mark.parametrize(
+    "case", [((8, 16, 64, 64), 1), ((64, 32, 14, 14), 1), ((16, 28, 28, 32), -1), ((8192, 64), 1)], ids=_id
+)
 def test_deterministic_across_calls_and_thread_counts(case, threads, engine):
     """Bitwise equal on repeated calls with any thread timing. Across thread counts: bitwise on
     the NumPy passes; the compiled engine runs a serial build on one thread and a parallel one

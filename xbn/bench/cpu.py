@@ -20,7 +20,8 @@ back) and cold (a cache-flushing copy before every timed call); both are kept:
 
 The floor is the byte count over a measured copy bandwidth (``np.copyto`` of a 256 MiB array,
 read + write bytes, split over the threads: the cold timings' flushing copies, made in the same
-processes, so that it sees the same machine load): training forward 3S, backward 5S, eval forward 2S, S = bytes of x. Writes ``cpu.md``, ``cpu.json`` and ``cpu.png`` under ``--out``.
+processes, so that it sees the same machine load): training forward 3S, backward 5S, eval
+forward 2S, S = bytes of x. Writes ``cpu.md``, ``cpu.json`` and ``cpu.png`` under ``--out``.
 
 Run: ``xbn bench --cpu`` or ``python benchmarks/cpu.py`` (options: ``--help``).
 """
@@ -35,10 +36,11 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +75,11 @@ def _parse_shape(text: str) -> tuple[tuple[int, ...], int, str]:
         raise ValueError(f"{text!r}: training needs at least 2 values per channel")
     if ax % len(shape) == len(shape) - 1 and len(shape) > 2:
         return shape, ax, "NHWC" if len(shape) == 4 else "channels-last"
-    return shape, ax, {2: "NC", 3: "NCL", 4: "NCHW", 5: "NCDHW"}.get(len(shape), "custom") if ax == 1 else "custom"
+    return (
+        shape,
+        ax,
+        {2: "NC", 3: "NCL", 4: "NCHW", 5: "NCDHW"}.get(len(shape), "custom") if ax == 1 else "custom",
+    )
 
 
 def _shape_arg(text: str) -> tuple[tuple[int, ...], int, str]:
@@ -177,7 +183,11 @@ def _on_passes(fn: Callable[[], Any]) -> Callable[[], Any]:
 
 
 def _make_cases(
-    shape: tuple[int, ...], axis: int, with_torch: bool, with_passes: bool = False, only: frozenset[str] | None = None
+    shape: tuple[int, ...],
+    axis: int,
+    with_torch: bool,
+    with_passes: bool = False,
+    only: frozenset[str] | None = None,
 ) -> dict[str, dict[str, Callable[[], Any]]]:
     """For each implementation: callables 'fwd', 'bwd' (after its own fwd) and 'eval'.
 
@@ -212,7 +222,11 @@ def _make_cases(
 
     if want("naive"):
         naive = Naive(c, axis, len(shape))
-        cases["naive"] = {"fwd": lambda: naive.forward(x), "bwd": lambda: naive.backward(dy), "eval": lambda: naive.eval(x)}
+        cases["naive"] = {
+            "fwd": lambda: naive.forward(x),
+            "bwd": lambda: naive.backward(dy),
+            "eval": lambda: naive.eval(x),
+        }
 
     if with_torch and want("torch"):
         import torch
@@ -308,7 +322,11 @@ def _blas_limit(threads: int) -> Any:
 
 
 def measure(
-    cases: dict[str, dict[str, Callable[[], Any]]], repeats: int, copy: Copy, cold: bool = True, warmup: int = 2,
+    cases: dict[str, dict[str, Callable[[], Any]]],
+    repeats: int,
+    copy: Copy,
+    cold: bool = True,
+    warmup: int = 2,
     flush_every: int = 20,
 ) -> dict[str, dict[str, list[float]]]:
     """Interleaved timings in seconds: per implementation, 'fwd', 'bwd', 'train' (= fwd + bwd
@@ -322,7 +340,9 @@ def measure(
     the layers of a network. ``flush_every=0``: never (every sample warm).
     """
     names = list(cases)
-    out: dict[str, dict[str, list[float]]] = {n: {"fwd": [], "bwd": [], "train": [], "eval": []} for n in names}
+    out: dict[str, dict[str, list[float]]] = {
+        n: {"fwd": [], "bwd": [], "train": [], "eval": []} for n in names
+    }
     out["copy"] = {"bandwidth": []}
     clock = time.perf_counter
 
@@ -377,7 +397,12 @@ def _set_threads(threads: int, with_torch: bool) -> None:
 # alternating A B C A B C ... so that a change in machine load falls on all of them alike.
 
 #: worker process: which implementations it times together (torch's two routes share one)
-_GROUPS = {"xbn": ("xbn",), "xbn_passes": ("xbn_passes",), "torch": ("torch", "torch_autograd"), "naive": ("naive",)}
+_GROUPS = {
+    "xbn": ("xbn",),
+    "xbn_passes": ("xbn_passes",),
+    "torch": ("torch", "torch_autograd"),
+    "naive": ("naive",),
+}
 
 
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -393,12 +418,23 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         kn.set_engine("numpy" if impl == "xbn_passes" else spec["engine"])
     _set_threads(threads, with_torch)
     copy = Copy(threads, spec["copy_bytes"])
-    out: dict[str, Any] = {"pid": os.getpid(), "load_before": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    out: dict[str, Any] = {
+        "pid": os.getpid(),
+        "load_before": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
     with _blas_limit(threads):
-        cases = _make_cases(shape, axis, with_torch, with_passes=impl == "xbn_passes", only=frozenset(_GROUPS[impl]))
+        cases = _make_cases(
+            shape, axis, with_torch, with_passes=impl == "xbn_passes", only=frozenset(_GROUPS[impl])
+        )
         for mode in ("warm", "cold"):
-            raw = measure(cases, spec["repeats"], copy, cold=mode == "cold", warmup=spec["warmup"] if mode == "warm" else 1,
-                          flush_every=0)
+            raw = measure(
+                cases,
+                spec["repeats"],
+                copy,
+                cold=mode == "cold",
+                warmup=spec["warmup"] if mode == "warm" else 1,
+                flush_every=0,
+            )
             out.setdefault("bandwidth", []).extend(raw.pop("copy")["bandwidth"])
             out[mode] = raw
     copy.close()
@@ -434,10 +470,14 @@ def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["XBN_NUM_THREADS"] = str(spec["threads"])
     code = "from xbn.bench.cpu import _worker_main; _worker_main()"
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, env=env
+    )
     if proc.returncode != 0 or not proc.stdout.strip():
-        raise RuntimeError(f"benchmark worker {spec['impl']} {spec['shape']} threads={spec['threads']} failed "
-                           f"(exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise RuntimeError(
+            f"benchmark worker {spec['impl']} {spec['shape']} threads={spec['threads']} failed "
+            f"(exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -451,10 +491,8 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "logical_cpus": os.cpu_count(),
     }
-    try:
+    with suppress(AttributeError):
         info["usable_cpus"] = len(os.sched_getaffinity(0))
-    except AttributeError:
-        pass
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -474,19 +512,28 @@ def machine_info() -> dict[str, Any]:
         import threadpoolctl
 
         info["blas"] = [
-            {k: v for k, v in lib.items() if k in ("internal_api", "version", "architecture", "threading_layer", "num_threads", "prefix")}
+            {
+                k: v
+                for k, v in lib.items()
+                if k
+                in ("internal_api", "version", "architecture", "threading_layer", "num_threads", "prefix")
+            }
             for lib in threadpoolctl.threadpool_info()
         ]
     except ImportError:
-        cfg = np.show_config(mode="dicts") if np.lib.NumpyVersion(np.__version__) >= "1.25.0" else {}
+        cfg: dict[str, Any] = {}
+        if np.lib.NumpyVersion(np.__version__) >= "1.25.0":
+            cfg = dict(np.show_config(mode="dicts") or {})
         info["blas"] = cfg.get("Build Dependencies", {}).get("blas", "unknown")
-    try:
+    with suppress(OSError):
         info["cache"] = {
-            p.name: (p / "size").read_text().strip() + " L" + (p / "level").read_text().strip() + " " + (p / "type").read_text().strip()
+            p.name: (p / "size").read_text().strip()
+            + " L"
+            + (p / "level").read_text().strip()
+            + " "
+            + (p / "type").read_text().strip()
             for p in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"))
         }
-    except OSError:
-        pass
     return info
 
 
@@ -499,8 +546,12 @@ def _commit() -> str | None:
 
     root = Path(xbn.__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=root, capture_output=True, text=True, timeout=10)
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "."], cwd=root, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if sha.returncode != 0:
@@ -529,19 +580,32 @@ def write_markdown(path: Path, results: list[dict[str, Any]], meta: dict[str, An
     lines = [
         "# xbn CPU benchmark: NumPy backend vs PyTorch CPU vs naive NumPy",
         "",
-        f"Machine: {meta['machine'].get('cpu', '?')}, {meta['machine'].get('usable_cpus', '?')} usable cores; "
-        f"NumPy {meta['machine']['numpy']}, torch {meta['machine'].get('torch')}, Python {meta['machine']['python']}. "
+        f"Machine: {meta['machine'].get('cpu', '?')}, {meta['machine'].get('usable_cpus', '?')} usable "
+        "cores; "
+        f"NumPy {meta['machine']['numpy']}, torch {meta['machine'].get('torch')}, Python "
+        f"{meta['machine']['python']}. "
         f"Copy bandwidth (np.copyto, read + write): "
-        + ", ".join(f"{t} thread{'s' if t > 1 else ''} {bw / 1e9:.1f} GB/s" for t, bw in sorted(meta["bandwidth"].items()))
+        + ", ".join(
+            f"{t} thread{'s' if t > 1 else ''} {bw / 1e9:.1f} GB/s"
+            for t, bw in sorted(meta["bandwidth"].items())
+        )
         + "."
-        + (f" Load average (1 min) before / after the run: {meta['loadavg_before'][0]:.2f} / {meta['loadavg_after'][0]:.2f}"
-           f" on {meta['machine'].get('usable_cpus', '?')} cores (above 0 means other processes shared the machine)."
-           if meta.get("loadavg_before") and meta.get("loadavg_after") else ""),
+        + (
+            f" Load average (1 min) before / after the run: {meta['loadavg_before'][0]:.2f} / "
+            f"{meta['loadavg_after'][0]:.2f}"
+            f" on {meta['machine'].get('usable_cpus', '?')} cores (above 0 means other processes shared "
+            "the machine)."
+            if meta.get("loadavg_before") and meta.get("loadavg_after")
+            else ""
+        ),
         "",
         f"xbn engine: {meta['engine']} ("
-        + ("compiled single-pass loops, numba; the NumPy passes, used where numba is not installed, "
-           "are timed alongside as 'xbn NumPy passes'" if meta["engine"] == "numba"
-           else "cache-blocked NumPy passes; numba not installed or not in use")
+        + (
+            "compiled single-pass loops, numba; the NumPy passes, used where numba is not installed, "
+            "are timed alongside as 'xbn NumPy passes'"
+            if meta["engine"] == "numba"
+            else "cache-blocked NumPy passes; numba not installed or not in use"
+        )
         + "). "
         f"float32; median of {meta['repeats']}, times in ms. Each implementation runs in "
         "a fresh process of its own, one per round, the processes alternating (xbn, torch, naive, ... "
@@ -556,7 +620,8 @@ def write_markdown(path: Path, results: list[dict[str, Any]], meta: dict[str, An
         "",
         "## Training step, warm and cold",
         "",
-        "| shape | layout | threads | load (1 min) | xbn/torch warm | xbn/torch cold | xbn/floor cold | torch/floor cold |"
+        "| shape | layout | threads | load (1 min) | xbn/torch warm | xbn/torch cold | xbn/floor cold | "
+        "torch/floor cold |"
         + (" passes/torch warm | passes/torch cold | passes/floor cold |" if passes else ""),
         "|---|---|---:|---|---:|---:|---:|---:|" + ("---:|---:|---:|" if passes else ""),
     ]
@@ -565,10 +630,16 @@ def write_markdown(path: Path, results: list[dict[str, Any]], meta: dict[str, An
         tw, tc = w.get("torch", {}).get("train"), c.get("torch", {}).get("train")
         ld = r.get("loadavg_1min")
         lines.append(
-            f"| {r['shape_name']} | {r['layout']} | {r['threads']} | {f'{ld[0]:.2f}-{ld[1]:.2f}' if ld else '—'} | "
-            f"{_ratio(w['xbn']['train'], tw)} | {_ratio(c['xbn']['train'], tc)} | {_ratio(c['xbn']['train'], fl)} | {_ratio(tc, fl)} |"
-            + (f" {_ratio(w['xbn_passes']['train'], tw)} | {_ratio(c['xbn_passes']['train'], tc)} | "
-               f"{_ratio(c['xbn_passes']['train'], fl)} |" if passes else "")
+            f"| {r['shape_name']} | {r['layout']} | {r['threads']} | "
+            f"{f'{ld[0]:.2f}-{ld[1]:.2f}' if ld else '—'} | "
+            f"{_ratio(w['xbn']['train'], tw)} | {_ratio(c['xbn']['train'], tc)} | "
+            f"{_ratio(c['xbn']['train'], fl)} | {_ratio(tc, fl)} |"
+            + (
+                f" {_ratio(w['xbn_passes']['train'], tw)} | {_ratio(c['xbn_passes']['train'], tc)} | "
+                f"{_ratio(c['xbn_passes']['train'], fl)} |"
+                if passes
+                else ""
+            )
         )
     lines += [
         "",
@@ -585,8 +656,12 @@ def write_markdown(path: Path, results: list[dict[str, Any]], meta: dict[str, An
             f"| {r['shape_name']} | {r['layout']} | {r['threads']} | {_ms(m['xbn']['train'])} | {_ms(t)} | "
             f"{_ms(m['naive']['train'])} | {_ratio(m['xbn']['train'], t)} | "
             f"{_ratio(m['xbn']['train'], fl)} | {_ratio(t, fl)} |"
-            + (f" {_ms(m['xbn_passes']['train'])} | {_ratio(m['xbn_passes']['train'], t)} | {_ratio(m['xbn_passes']['train'], fl)} |"
-               if passes else "")
+            + (
+                f" {_ms(m['xbn_passes']['train'])} | {_ratio(m['xbn_passes']['train'], t)} | "
+                f"{_ratio(m['xbn_passes']['train'], fl)} |"
+                if passes
+                else ""
+            )
         )
     lines += [
         "",
@@ -598,7 +673,8 @@ def write_markdown(path: Path, results: list[dict[str, Any]], meta: dict[str, An
     for r in results:
         m = r["median_s"]
         lines.append(
-            f"| {r['shape_name']} | {r['layout']} | {r['threads']} | {_ms(m['xbn']['eval'])} | {_ms(m.get('torch', {}).get('eval'))} | "
+            f"| {r['shape_name']} | {r['layout']} | {r['threads']} | {_ms(m['xbn']['eval'])} | "
+            f"{_ms(m.get('torch', {}).get('eval'))} | "
             f"{_ms(m['naive']['eval'])} | {_ratio(m['xbn']['eval'], m.get('torch', {}).get('eval'))} | "
             f"{_ratio(m['xbn']['eval'], r['floor_s']['eval'])} |"
         )
@@ -606,18 +682,25 @@ def write_markdown(path: Path, results: list[dict[str, Any]], meta: dict[str, An
         "",
         "## Forward and backward separately (training)",
         "",
-        "| shape | threads | xbn fwd | torch fwd | xbn bwd | torch bwd | fwd xbn/floor (3S) | bwd xbn/floor (5S) | torch autograd step |",
+        "| shape | threads | xbn fwd | torch fwd | xbn bwd | torch bwd | fwd xbn/floor (3S) | bwd "
+        "xbn/floor (5S) | torch autograd step |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         m = r["median_s"]
         t = m.get("torch", {})
         lines.append(
-            f"| {r['shape_name']} | {r['threads']} | {_ms(m['xbn']['fwd'])} | {_ms(t.get('fwd'))} | {_ms(m['xbn']['bwd'])} | "
-            f"{_ms(t.get('bwd'))} | {_ratio(m['xbn']['fwd'], r['floor_s']['fwd'])} | {_ratio(m['xbn']['bwd'], r['floor_s']['bwd'])} | "
+            f"| {r['shape_name']} | {r['threads']} | {_ms(m['xbn']['fwd'])} | {_ms(t.get('fwd'))} | "
+            f"{_ms(m['xbn']['bwd'])} | "
+            f"{_ms(t.get('bwd'))} | {_ratio(m['xbn']['fwd'], r['floor_s']['fwd'])} | "
+            f"{_ratio(m['xbn']['bwd'], r['floor_s']['bwd'])} | "
             f"{_ms(m.get('torch_autograd', {}).get('train'))} |"
         )
-    lines += ["", f"Command: `{meta['command']}`" + (f", commit {meta['commit']}" if meta.get("commit") else ""), ""]
+    lines += [
+        "",
+        f"Command: `{meta['command']}`" + (f", commit {meta['commit']}" if meta.get("commit") else ""),
+        "",
+    ]
     path.write_text("\n".join(lines))
 
 
@@ -628,7 +711,9 @@ def write_plot(path: Path, results: list[dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
     thread_counts = sorted({r["threads"] for r in results})
-    fig, axes = plt.subplots(1, len(thread_counts), figsize=(6.5 * len(thread_counts), 4.8), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, len(thread_counts), figsize=(6.5 * len(thread_counts), 4.8), squeeze=False, sharey=True
+    )
     impls = [("xbn", "#1f77b4"), ("torch", "#ff7f0e"), ("naive", "#7f7f7f")]
     if all("xbn_passes" in r["median_s"] for r in results):
         impls.insert(1, ("xbn_passes", "#9ecae1"))
@@ -637,12 +722,16 @@ def write_plot(path: Path, results: list[dict[str, Any]]) -> None:
         xs = np.arange(len(rows))
         width = 0.8 / len(impls)
         for k, (name, color) in enumerate(impls):
-            vals = [r["median_s"].get(name, {}).get("train", float("nan")) / r["floor_s"]["train"] for r in rows]
+            vals = [
+                r["median_s"].get(name, {}).get("train", float("nan")) / r["floor_s"]["train"] for r in rows
+            ]
             label = {"xbn": "xbn", "xbn_passes": "xbn, NumPy passes"}.get(name, name)
             ax.bar(xs + (k - (len(impls) - 1) / 2) * width, vals, width, label=label, color=color)
         ax.axhline(1.0, color="k", lw=1, ls="--", label="floor (8S / copy BW)")
         ax.set_yscale("log")
-        ax.set_xticks(xs, [r["shape_name"].replace(":-1", "\nNHWC") for r in rows], rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(
+            xs, [r["shape_name"].replace(":-1", "\nNHWC") for r in rows], rotation=30, ha="right", fontsize=8
+        )
         ax.set_title(f"training forward + backward, {t} thread{'s' if t > 1 else ''}")
         ax.set_ylabel("time / memory-bandwidth floor (log)")
         ax.grid(axis="y", which="both", alpha=0.3)
@@ -657,19 +746,39 @@ def write_plot(path: Path, results: list[dict[str, Any]]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xbn bench --cpu", description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=_positive_int, nargs="+", default=[1, 2],
-                   help="thread counts (default: 1 2)")
-    p.add_argument("--shapes", type=_shape_arg, nargs="+", default=None,
-                   help="shapes like 32x64x56x56 (channel axis 1) or 32x56x56x64:-1 (default: the reference set)")
-    p.add_argument("--repeats", type=_positive_int, default=None,
-                   help="timed repeats per case, at least 1 (default 15; inputs under 4 MiB at least 200)")
-    p.add_argument("--rounds", type=_positive_int, default=None,
-                   help="fresh processes per implementation, alternated, the repeats split among them (default 3; --quick 1)")
+    p.add_argument(
+        "--threads", type=_positive_int, nargs="+", default=[1, 2], help="thread counts (default: 1 2)"
+    )
+    p.add_argument(
+        "--shapes",
+        type=_shape_arg,
+        nargs="+",
+        default=None,
+        help="shapes like 32x64x56x56 (channel axis 1) or 32x56x56x64:-1 (default: the reference set)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=None,
+        help="timed repeats per case, at least 1 (default 15; inputs under 4 MiB at least 200)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=None,
+        help="fresh processes per implementation, alternated, the repeats split among them "
+        "(default 3; --quick 1)",
+    )
     p.add_argument("--out", default="benchmarks/results", help="output folder (default: benchmarks/results)")
-    p.add_argument("--quick", action="store_true",
-                   help="3 repeats and a 64 MiB copy: a smoke run (not with --repeats)")
-    p.add_argument("--engine", choices=["auto", "numpy", "numba"], default="auto",
-                   help="xbn's NumPy fast paths: compiled loops when numba is installed (auto), or NumPy passes")
+    p.add_argument(
+        "--quick", action="store_true", help="3 repeats and a 64 MiB copy: a smoke run (not with --repeats)"
+    )
+    p.add_argument(
+        "--engine",
+        choices=["auto", "numpy", "numba"],
+        default="auto",
+        help="xbn's NumPy fast paths: compiled loops when numba is installed (auto), or NumPy passes",
+    )
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if it is installed")
     p.add_argument("--no-plot", action="store_true", help="skip cpu.png")
     return p
@@ -698,15 +807,19 @@ def main(argv: list[str] | None = None) -> int:
     if with_torch:
         for shape, axis, _ in shapes:
             if not _torch_can_compare(shape, axis):
-                parser.error(f"--shapes {_shape_name(shape, axis)}: the torch comparison needs channel "
-                             "axis 1 or NHWC (4-D, axis -1); add --no-torch to time it without torch")
+                parser.error(
+                    f"--shapes {_shape_name(shape, axis)}: the torch comparison needs channel "
+                    "axis 1 or NHWC (4-D, axis -1); add --no-torch to time it without torch"
+                )
     memory = _memory_bytes()
     for shape, axis, _ in shapes:
         # x and dy, each implementation's outputs and saved tensors, the naive one's temporaries
         need = 16 * math.prod(shape) * 4
         if memory and need > memory:
-            parser.error(f"--shapes {_shape_name(shape, axis)}: needs about {need / 2**30:.1f} GiB, "
-                         f"more than this machine's {memory / 2**30:.1f} GiB")
+            parser.error(
+                f"--shapes {_shape_name(shape, axis)}: needs about {need / 2**30:.1f} GiB, "
+                f"more than this machine's {memory / 2**30:.1f} GiB"
+            )
     from xbn.kernels import numpy as kn
 
     try:
@@ -729,7 +842,12 @@ def main(argv: list[str] | None = None) -> int:
     copy_bytes = (64 << 20) if args.quick else COPY_BYTES
 
     rounds = args.rounds or (1 if args.quick else 3)
-    impls = ["xbn"] + (["xbn_passes"] if engine == "numba" else []) + (["torch"] if with_torch else []) + ["naive"]
+    impls = (
+        ["xbn"]
+        + (["xbn_passes"] if engine == "numba" else [])
+        + (["torch"] if with_torch else [])
+        + ["naive"]
+    )
     bandwidth: dict[int, list[float]] = {}
     results: list[dict[str, Any]] = []
     layers: set[str] = set()
@@ -749,10 +867,20 @@ def main(argv: list[str] | None = None) -> int:
             procs: list[dict[str, Any]] = []
             for rnd in range(rounds):
                 # rotated each round, so that no implementation always follows the same one
-                order = impls[rnd % len(impls):] + impls[: rnd % len(impls)]
+                order = impls[rnd % len(impls) :] + impls[: rnd % len(impls)]
                 for impl in order:
-                    res = _run_worker({"impl": impl, "shape": list(shape), "axis": axis, "threads": threads,
-                                       "repeats": per_round, "warmup": 2, "copy_bytes": copy_bytes, "engine": args.engine})
+                    res = _run_worker(
+                        {
+                            "impl": impl,
+                            "shape": list(shape),
+                            "axis": axis,
+                            "threads": threads,
+                            "repeats": per_round,
+                            "warmup": 2,
+                            "copy_bytes": copy_bytes,
+                            "engine": args.engine,
+                        }
+                    )
                     procs.append({"impl": impl, "round": rnd, "pid": res.get("pid")})
                     bw_samples += res["bandwidth"]
                     loads += [ld[0] for ld in (res["load_before"], res["load_after"]) if ld]
@@ -763,28 +891,51 @@ def main(argv: list[str] | None = None) -> int:
                             for k, v in d.items():
                                 raw.setdefault(name, {}).setdefault(mode, {}).setdefault(k, []).extend(v)
             bandwidth.setdefault(threads, []).extend(bw_samples)
-            med = {mode: {n: {k: (statistics.median(v[mode][k]) if v[mode][k] else None) for k in v[mode]} for n, v in raw.items()}
-                   for mode in ("warm", "cold")}
+            med = {
+                mode: {
+                    n: {k: (statistics.median(v[mode][k]) if v[mode][k] else None) for k in v[mode]}
+                    for n, v in raw.items()
+                }
+                for mode in ("warm", "cold")
+            }
             bwt = statistics.median(bw_samples)
-            floor = {"fwd": 3 * nbytes / bwt, "bwd": 5 * nbytes / bwt, "train": 8 * nbytes / bwt, "eval": 2 * nbytes / bwt}
+            floor = {
+                "fwd": 3 * nbytes / bwt,
+                "bwd": 5 * nbytes / bwt,
+                "train": 8 * nbytes / bwt,
+                "eval": 2 * nbytes / bwt,
+            }
             r = {
-                "shape": list(shape), "axis": axis, "layout": layout, "shape_name": _shape_name(shape, axis),
-                "threads": threads, "bytes": nbytes, "repeats": per_round * rounds, "rounds": rounds,
+                "shape": list(shape),
+                "axis": axis,
+                "layout": layout,
+                "shape_name": _shape_name(shape, axis),
+                "threads": threads,
+                "bytes": nbytes,
+                "repeats": per_round * rounds,
+                "rounds": rounds,
                 "copy_bandwidth_Bps": bwt,
                 # a small input lives in cache between the layers of a network: judged warm
                 "primary": "warm" if small else "cold",
-                "median_s": med["warm" if small else "cold"], "median_warm_s": med["warm"], "median_cold_s": med["cold"],
-                "floor_s": floor, "loadavg_1min": [min(loads), max(loads)] if loads else None, "processes": procs,
+                "median_s": med["warm" if small else "cold"],
+                "median_warm_s": med["warm"],
+                "median_cold_s": med["cold"],
+                "floor_s": floor,
+                "loadavg_1min": [min(loads), max(loads)] if loads else None,
+                "processes": procs,
                 "times_s": raw,
             }
             results.append(r)
             m = r["median_s"]
             t = m.get("torch", {}).get("train")
             print(
-                f"{r['shape_name']:>20} threads={threads} ({r['primary']})  train: xbn {_ms(m['xbn']['train'])} ms, "
-                f"torch {_ms(t)} ms, naive {_ms(m['naive']['train'])} ms, xbn/torch {_ratio(m['xbn']['train'], t)}, "
+                f"{r['shape_name']:>20} threads={threads} ({r['primary']})  train: xbn "
+                f"{_ms(m['xbn']['train'])} ms, "
+                f"torch {_ms(t)} ms, naive {_ms(m['naive']['train'])} ms, xbn/torch "
+                f"{_ratio(m['xbn']['train'], t)}, "
                 f"xbn/floor {_ratio(m['xbn']['train'], floor['train'])}; warm xbn/torch "
-                f"{_ratio(med['warm']['xbn']['train'], med['warm'].get('torch', {}).get('train'))}; eval xbn/torch "
+                f"{_ratio(med['warm']['xbn']['train'], med['warm'].get('torch', {}).get('train'))}; eval "
+                "xbn/torch "
                 f"{_ratio(m['xbn']['eval'], m.get('torch', {}).get('eval'))}"
                 + (f"; passes/torch {_ratio(m['xbn_passes']['train'], t)}" if "xbn_passes" in m else ""),
                 flush=True,
@@ -796,15 +947,27 @@ def main(argv: list[str] | None = None) -> int:
     if engine == "numba":
         import numba
 
-        machine_numba = {"numba": numba.__version__,
-                         "threading_layer": ", ".join(sorted(layers)) or "none (serial builds only)"}
+        machine_numba = {
+            "numba": numba.__version__,
+            "threading_layer": ", ".join(sorted(layers)) or "none (serial builds only)",
+        }
     else:
         machine_numba = {}
-    meta = {"machine": {**machine_info(), **machine_numba}, "commit": _span(commit_before, _commit()), "bandwidth": {t: statistics.median(v) for t, v in bandwidth.items()},
-            "engine": engine, "repeats": default_repeats, "rounds": rounds, "processes": "one per implementation and round",
-            "loadavg_before": load_before, "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
-            "quick": args.quick, "command": command.strip(), "copy_bytes": copy_bytes,
-            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    meta = {
+        "machine": {**machine_info(), **machine_numba},
+        "commit": _span(commit_before, _commit()),
+        "bandwidth": {t: statistics.median(v) for t, v in bandwidth.items()},
+        "engine": engine,
+        "repeats": default_repeats,
+        "rounds": rounds,
+        "processes": "one per implementation and round",
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "quick": args.quick,
+        "command": command.strip(),
+        "copy_bytes": copy_bytes,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     (out / "cpu.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
     write_markdown(out / "cpu.md", results, meta)
     if not args.no_plot:

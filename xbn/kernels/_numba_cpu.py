@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import threading
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -67,8 +68,9 @@ class _Loop:
             # A twin function object under its own name: numba's on-disk cache is keyed by the
             # function's name and signature, not by parallel=, so two builds of one function
             # would load each other's machine code (seen: the parallel build running serially).
-            twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
-                                      fn.__defaults__, fn.__closure__)
+            twin = types.FunctionType(
+                fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__
+            )
             twin.__qualname__ = fn.__qualname__ + "_serial"
             twin.__module__ = fn.__module__
             self.serial = nb.njit(fastmath=_FAST, cache=True, nogil=True)(twin)
@@ -235,7 +237,7 @@ def cols_stats(X, inner, nb, cs, ctr, d, q):  # pragma: no cover - compiled
                         e[jj] += v * v
             else:
                 for i in range(i0, i1):
-                    row = X[i, j0:j0 + w]
+                    row = X[i, j0 : j0 + w]
                     for jj in range(w):
                         v = row[jj] - sh[jj]
                         a[jj] += v
@@ -309,8 +311,8 @@ def cols_backward_reduce(X, D, mean, inner, nb, cs, sdy, sdx):  # pragma: no cov
                     e[jj] += D[i, jj] * (X[i, jj] - mu[jj])
         else:
             for i in range(r0, r1):
-                x = X[i, j0:j0 + w]
-                g = D[i, j0:j0 + w]
+                x = X[i, j0 : j0 + w]
+                g = D[i, j0 : j0 + w]
                 for jj in range(w):
                     a[jj] += g[jj]
                     e[jj] += g[jj] * (x[jj] - mu[jj])

@@ -46,9 +46,10 @@ import itertools
 import math
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -128,7 +129,7 @@ def get_engine() -> str:
 
 
 def set_engine(name: str) -> None:
-    """"auto" (numba when installed, the default), or "numpy" to use NumPy passes only."""
+    """ "auto" (numba when installed, the default), or "numpy" to use NumPy passes only."""
     global _engine
     if name not in ("auto", "numpy", "numba"):
         raise ValueError(f"engine must be 'auto', 'numba' or 'numpy', got {name!r}")
@@ -161,8 +162,13 @@ def _get_pool(workers: int) -> ThreadPoolExecutor:
     return _pool
 
 
-def _run_tasks(plan: _Plan, nbytes: int, scratch: Callable[[], Any], task: Callable[[int, Any], None],
-               bufsize: bool = False) -> None:
+def _run_tasks(
+    plan: _Plan,
+    nbytes: int,
+    scratch: Callable[[], Any],
+    task: Callable[[int, Any], None],
+    bufsize: bool = False,
+) -> None:
     """Run ``task(i, s)`` for i in range(plan.n_tasks), each thread with its own scratch ``s``.
 
     Tasks are handed out dynamically (a core that another process is using should not hold the
@@ -261,8 +267,10 @@ class _Plan:
 
     def block(self, i: int) -> tuple[slice, slice]:
         rb, cb = divmod(i, self.n_cb)
-        return (slice(rb * self.rpc, min(self.nrows, (rb + 1) * self.rpc)),
-                slice(cb * self.cpc, min(self.ncols, (cb + 1) * self.cpc)))
+        return (
+            slice(rb * self.rpc, min(self.nrows, (rb + 1) * self.rpc)),
+            slice(cb * self.cpc, min(self.ncols, (cb + 1) * self.cpc)),
+        )
 
     def rows_of(self, rb: int) -> int:
         return min(self.nrows, (rb + 1) * self.rpc) - rb * self.rpc
@@ -325,16 +333,36 @@ class _Geom:
     Row partials (rows layout) reshape to ``part_shape`` = (outer, C, k).
     """
 
-    __slots__ = ("order", "shape", "outer", "C", "inner", "rows", "k", "t", "L", "nrows", "ncols",
-                 "unit", "map", "red", "part_shape", "red_counts", "spread_all", "_ones", "_channel", "_cols",
-                 "_nb")
+    __slots__ = (
+        "order",
+        "shape",
+        "outer",
+        "C",
+        "inner",
+        "rows",
+        "k",
+        "t",
+        "L",
+        "nrows",
+        "ncols",
+        "unit",
+        "map",
+        "red",
+        "part_shape",
+        "red_counts",
+        "spread_all",
+        "_ones",
+        "_channel",
+        "_cols",
+        "_nb",
+    )
 
     def __init__(self, shape: tuple[int, ...], axis: int, order: tuple[int, ...], itemsize: int):
         self.order = order
         self.shape = shape  # of the C-contiguous (permuted) view
         self.outer = math.prod(shape[:axis])
         self.C = shape[axis]
-        self.inner = math.prod(shape[axis + 1:])
+        self.inner = math.prod(shape[axis + 1 :])
         chunk = max(1, _CHUNK_BYTES // itemsize)
         self.rows = self.inner >= _ROW_MIN
         self.red_counts: np.ndarray | None = None
@@ -367,8 +395,13 @@ class _Geom:
             self.map = _Plan(self.nrows, self.ncols, min(1024, chunk // cpc), cpc)
             if t > 1:
                 self.red = self.map  # a partial per block, for every channel
-                m = np.array([(self.map.block(i)[1].stop - self.map.block(i)[1].start) // width
-                              for i in range(self.map.n_cb)], dtype=np.float64)
+                m = np.array(
+                    [
+                        (self.map.block(i)[1].stop - self.map.block(i)[1].start) // width
+                        for i in range(self.map.n_cb)
+                    ],
+                    dtype=np.float64,
+                )
                 rows = np.array([self.map.rows_of(rb) for rb in range(self.map.n_rb)], dtype=np.float64)
                 self.red_counts = (rows[:, None] * m[None, :] * self.inner).reshape(-1, 1)
             else:
@@ -479,7 +512,7 @@ class _Geom:
             return lambda rs, cs: full[:, cs]
         # else each block spreads its own channels' values (blocks start on a channel)
         inner = self.inner
-        return lambda rs, cs: self.spread(v[cs.start // inner:], cs)[None, :]
+        return lambda rs, cs: self.spread(v[cs.start // inner :], cs)[None, :]
 
     def ones(self, dt: np.dtype) -> np.ndarray:
         """A vector of ones long enough for the BLAS sums of any block (shared, read-only)."""
@@ -652,14 +685,16 @@ def _passes_batch_stats(g: _Geom, x: np.ndarray, dt: np.dtype) -> tuple[np.ndarr
             # that one local outlier (or a periodic one) does not make the median
             span = nch * inner
             f = (cs.stop - cs.start) // span - 1  # the last fold in the block
-            z = _median3(blk[0, 0:span:inner],
-                         blk[n // 2, (f // 2) * span + inner // 2:(f // 2 + 1) * span:inner],
-                         blk[n - 1, f * span + inner - 1:(f + 1) * span:inner])
+            z = _median3(
+                blk[0, 0:span:inner],
+                blk[n // 2, (f // 2) * span + inner // 2 : (f // 2 + 1) * span : inner],
+                blk[n - 1, f * span + inner - 1 : (f + 1) * span : inner],
+            )
             np.subtract(blk, g.spread(z, cs), out=c)
-            cd[p, c0:c0 + nch] = g.per_channel(ones[:n] @ c, cs, nch)
+            cd[p, c0 : c0 + nch] = g.per_channel(ones[:n] @ c, cs, nch)
             # one pass for square-and-sum down the columns; BLAS has no such call
-            cq[p, c0:c0 + nch] = g.per_channel(np.einsum("ij,ij->j", c, c), cs, nch)
-            cz[p, c0:c0 + nch] = z
+            cq[p, c0 : c0 + nch] = g.per_channel(np.einsum("ij,ij->j", c, c), cs, nch)
+            cz[p, c0 : c0 + nch] = z
 
         _run_tasks(plan, x.nbytes, _scratch(g, dt), task)
         parts, n_part = [cz, cd, cq], g.red_counts
@@ -671,7 +706,9 @@ def _rows_by_channel(a: np.ndarray, g: _Geom) -> np.ndarray:
     return a.astype(np.float64, copy=False).reshape(g.part_shape).transpose(0, 2, 1).reshape(-1, g.C)
 
 
-def _chan_merge(ctr: np.ndarray, d: np.ndarray, q: np.ndarray, n: Any, count: float) -> tuple[np.ndarray, np.ndarray]:
+def _chan_merge(
+    ctr: np.ndarray, d: np.ndarray, q: np.ndarray, n: Any, count: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel (mean, var) from (P, C) float64 partials, merged in a fixed order.
 
     A partial has n values (a scalar, or a (P, 1) column), centre ctr, d = sum(v - ctr) and
@@ -725,7 +762,7 @@ def _nonfinite_channels(g: _Geom, x: np.ndarray, mean: np.ndarray, var: np.ndarr
     step = max(1, (_CHUNK_BYTES // 4) // (g.C * g.inner))
     total = np.zeros(g.C)
     for o in range(0, g.outer, step):  # float64 sums through NumPy's buffer, no float64 copy
-        total += np.sum(v3[o:o + step], axis=(0, 2), dtype=np.float64)
+        total += np.sum(v3[o : o + step], axis=(0, 2), dtype=np.float64)
     count = x.size // g.C
     plain = total / count
     mean[bad] = plain[bad]
@@ -745,7 +782,7 @@ def _channel_pieces(v3: np.ndarray, c: int) -> Any:
     rows = max(1, step // inner)
     for o in range(0, outer, rows):
         for j in range(0, inner, step):
-            yield v3[o:o + rows, c, j:j + step]
+            yield v3[o : o + rows, c, j : j + step]
 
 
 # -- scale_shift ----------------------------------------------------------------------------
@@ -790,7 +827,9 @@ def _passes_scale_shift(g: _Geom, x: np.ndarray, scale: Any, shift: Any, dt: np.
 
 
 @register_kernel("numpy", "backward_reduce")
-def backward_reduce(dy: Any, x: Any, mean: Any, /, *, axis: int, xp: ModuleType | None = None) -> tuple[Any, Any]:
+def backward_reduce(
+    dy: Any, x: Any, mean: Any, /, *, axis: int, xp: ModuleType | None = None
+) -> tuple[Any, Any]:
     g = _geometry(x, axis, dy)
     dt = _float_dtype(mean)
     if g is None or dt is None:
@@ -830,8 +869,8 @@ def _passes_backward_reduce(
             n = d.shape[0]
             c = _view(s[0], d.shape)
             np.subtract(_load(mx[rs, cs], dt, s[0]), mu(rs, cs), out=c)  # type: ignore[misc]
-            p_dy[p, c0:c0 + nch] = g.per_channel(ones[:n] @ d, cs, nch)
-            p_dyx[p, c0:c0 + nch] = g.per_channel(np.einsum("ij,ij->j", c, d), cs, nch)
+            p_dy[p, c0 : c0 + nch] = g.per_channel(ones[:n] @ d, cs, nch)
+            p_dyx[p, c0 : c0 + nch] = g.per_channel(np.einsum("ij,ij->j", c, d), cs, nch)
 
     _run_tasks(plan, x.nbytes + dy.nbytes, _scratch(g, dt), task, bufsize=g.rows)
     if g.rows:
@@ -850,7 +889,15 @@ def _sum_rows(a: np.ndarray, dt: np.dtype) -> np.ndarray:
 
 @register_kernel("numpy", "backward_apply")
 def backward_apply(
-    dy: Any, x: Any, mean: Any, k_dy: Any, k_xmu: Any, k_const: Any, /, *, axis: int,
+    dy: Any,
+    x: Any,
+    mean: Any,
+    k_dy: Any,
+    k_xmu: Any,
+    k_const: Any,
+    /,
+    *,
+    axis: int,
     xp: ModuleType | None = None,
 ) -> Any:
     g = _geometry(x, axis, dy)
@@ -864,8 +911,9 @@ def backward_apply(
         return _passes_backward_apply(g, dy, x, mean, k_dy, k_xmu, k_const, dt)
 
 
-def _passes_backward_apply(g: _Geom, dy: np.ndarray, x: np.ndarray, mean: Any, k_dy: Any, k_xmu: Any,
-                           k_const: Any, dt: np.dtype) -> np.ndarray:
+def _passes_backward_apply(
+    g: _Geom, dy: np.ndarray, x: np.ndarray, mean: Any, k_dy: Any, k_xmu: Any, k_const: Any, dt: np.dtype
+) -> np.ndarray:
     dx = g.empty_like(dy.dtype)
     mx, mdy, out = g.matrix(x), g.matrix(dy), g.matrix(dx)
     direct = dy.dtype == dt
@@ -905,7 +953,9 @@ def _passes_backward_apply(g: _Geom, dy: np.ndarray, x: np.ndarray, mean: Any, k
     return dx
 
 
-def _fold_backward(mean: Any, k_dy: Any, k_xmu: Any, k_const: Any, dt: np.dtype) -> tuple[np.ndarray, np.ndarray] | None:
+def _fold_backward(
+    mean: Any, k_dy: Any, k_xmu: Any, k_const: Any, dt: np.dtype
+) -> tuple[np.ndarray, np.ndarray] | None:
     """(centre, ratio) with dx = ((x - centre) * ratio + dy) * k_dy, or None where that fails.
 
     dy * k_dy + (x - mean) * k_xmu + k_const has five elementwise passes in NumPy; this form
@@ -988,7 +1038,9 @@ def _nb_scale_shift(nbk: Any, g: _Geom, x: np.ndarray, scale: Any, shift: Any, d
     return y
 
 
-def _nb_backward_reduce(nbk: Any, g: _Geom, dy: np.ndarray, x: np.ndarray, mean: Any, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+def _nb_backward_reduce(
+    nbk: Any, g: _Geom, dy: np.ndarray, x: np.ndarray, mean: Any, dt: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
     _nb_threads(nbk, 2 * x.nbytes)
     p = g.nb_plan(x.itemsize)
     sdy, sdx = np.empty((p.nblocks, p.Ck)), np.empty((p.nblocks, p.Ck))
@@ -1009,7 +1061,9 @@ def _nb_backward_reduce(nbk: Any, g: _Geom, dy: np.ndarray, x: np.ndarray, mean:
     return s_dy, s_dx
 
 
-def _nb_backward_apply(nbk: Any, g: _Geom, dy: np.ndarray, x: np.ndarray, coefs: tuple[Any, ...], dt: np.dtype) -> np.ndarray:
+def _nb_backward_apply(
+    nbk: Any, g: _Geom, dy: np.ndarray, x: np.ndarray, coefs: tuple[Any, ...], dt: np.dtype
+) -> np.ndarray:
     _nb_threads(nbk, 3 * x.nbytes)
     dx = g.empty_like(dy.dtype)
     mx, mdy, out = g.nb_matrix(x), g.nb_matrix(dy), g.nb_matrix(dx)
