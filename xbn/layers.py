@@ -348,8 +348,12 @@ class BatchNorm(Module):
         return dx
 
     def extra_repr(self) -> str:
+        return f"{self.num_features}, {self._options_repr()}"
+
+    def _options_repr(self) -> str:
+        """The options, as the constructor takes them (a lazy layer prints no num_features)."""
         options = (
-            f"{self.num_features}, axis={self.axis}, eps={self.eps}, momentum={self.momentum}, "
+            f"axis={self.axis}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats}"
         )
         if self.virtual_batch_size is not None:

@@ -236,15 +236,7 @@ class LazyBatchNorm(BatchNorm):
         return state
 
     def extra_repr(self) -> str:
-        options = (
-            f"axis={self.axis}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}"
-        )
-        if self.virtual_batch_size is not None:
-            options += f", virtual_batch_size={self.virtual_batch_size}"
-        if self.frozen:
-            options += ", frozen=True"
-        return options + f", backend={self.backend!r}"
+        return self._options_repr()
 
 
 class _UninitializedAttribute(UninitializedError, AttributeError):
