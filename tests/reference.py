@@ -56,3 +56,21 @@ def rand(
 ) -> np.ndarray:
     """Well-conditioned random data: N(loc, scale), cast to ``dtype``."""
     return rng.normal(loc, scale, size=shape).astype(dtype)
+
+
+def numerical_grad(f: Any, a: np.ndarray, h: float = 1e-6) -> np.ndarray:
+    """Central-difference gradient of the scalar ``f(a)`` at the float64 array ``a``.
+
+    ``a`` is perturbed in place, one element at a time, and restored; closures that read ``a``
+    themselves may ignore the argument.
+    """
+    g = np.empty_like(a)
+    for i in np.ndindex(a.shape):
+        old = a[i]
+        a[i] = old + h
+        fp = f(a)
+        a[i] = old - h
+        fm = f(a)
+        a[i] = old
+        g[i] = (fp - fm) / (2 * h)
+    return g

@@ -16,7 +16,7 @@ import xbn
 from xbn._reference import assert_close, to_numpy
 from xbn.nn import Conv2d, Flatten, GlobalAvgPool2d, Linear, ReLU, Sequential
 
-from reference import to_backend
+from reference import numerical_grad, to_backend
 
 try:
     import torch
@@ -213,19 +213,6 @@ def test_a_shared_generator_draws_the_next_values():
 # -- finite differences ----------------------------------------------------------------------
 
 
-def _fd(f, a):
-    g = np.empty_like(a)
-    for i in np.ndindex(a.shape):
-        old = a[i]
-        a[i] = old + FD_H
-        fp = f()
-        a[i] = old - FD_H
-        fm = f()
-        a[i] = old
-        g[i] = (fp - fm) / (2 * FD_H)
-    return g
-
-
 @pytest.mark.parametrize("cin,cout,k,stride,pad,hw", CONFIGS[1:5], ids=CONFIG_IDS[1:5])
 def test_conv_finite_differences(backend, cin, cout, k, stride, pad, hw):
     rng = np.random.default_rng(4)
@@ -239,7 +226,7 @@ def test_conv_finite_differences(backend, cin, cout, k, stride, pad, hw):
         conv.weight.data, conv.bias.data = to_backend(backend, w), to_backend(backend, b)
         return float(np.sum(to_numpy(conv.forward(to_backend(backend, x))) * r))
 
-    num = {name: _fd(loss, a) for name, a in (("dx", x), ("dW", w), ("db", b))}
+    num = {name: numerical_grad(lambda _: loss(), a, FD_H) for name, a in (("dx", x), ("dW", w), ("db", b))}
     loss()
     dx = conv.backward(to_backend(backend, r))
     assert_close(to_numpy(dx), num["dx"], FD_TOL, "dx")
@@ -256,7 +243,7 @@ def test_pool_and_flatten_finite_differences(backend):
     def loss():
         return float(np.sum(to_numpy(flat(pool(to_backend(backend, x)))) * r))
 
-    num = _fd(loss, x)
+    num = numerical_grad(lambda _: loss(), x, FD_H)
     loss()
     dx = pool.backward(flat.backward(to_backend(backend, r)))
     assert_close(to_numpy(dx), num, FD_TOL, "dx")

@@ -16,7 +16,7 @@ import xbn
 from xbn import _reference as ref
 from xbn._reference import assert_close, to_numpy
 
-from reference import snapshot, to_backend
+from reference import numerical_grad, snapshot, to_backend
 
 # (class, kwargs, shape, channel axis); N = 10 with ghost batches of 4 gives groups 4, 4 and 2
 LAYOUTS = [
@@ -27,26 +27,11 @@ LAYOUTS = [
     (xbn.BatchNorm3d, {}, (10, 2, 2, 1, 2), 1),
 ]
 IDS = ["1d-NC", "1d-NCL", "2d-NCHW", "NHWC", "3d"]
-H = 1e-6
 FD_TOL = 1e-6
 
 
 def _x(shape, seed=0, loc=0.5, scale=2.0):
     return np.random.default_rng(seed).normal(loc, scale, size=shape)
-
-
-def _fd(f, a):
-    """Central-difference gradient of the scalar function f at the float64 array a."""
-    g = np.empty_like(a)
-    for i in np.ndindex(a.shape):
-        old = a[i]
-        a[i] = old + H
-        fp = f(a)
-        a[i] = old - H
-        fm = f(a)
-        a[i] = old
-        g[i] = (fp - fm) / (2 * H)
-    return g
 
 
 def _groups(n, size):
@@ -230,9 +215,9 @@ def test_ghost_finite_differences(backend):
         bn.weight.data, bn.bias.data = xp.asarray(w_, device=dev), xp.asarray(b_, device=dev)
         return float(np.sum(to_numpy(bn(to_backend(backend, x_))) * r))
 
-    num_dx = _fd(lambda a: loss(x_=a), x.copy())
-    num_dw = _fd(lambda a: loss(w_=a), w.copy())
-    num_db = _fd(lambda a: loss(b_=a), b.copy())
+    num_dx = numerical_grad(lambda a: loss(x_=a), x.copy())
+    num_dw = numerical_grad(lambda a: loss(w_=a), w.copy())
+    num_db = numerical_grad(lambda a: loss(b_=a), b.copy())
     loss()
     bn.zero_grad()
     dx = bn.backward(to_backend(backend, r))
@@ -351,9 +336,9 @@ def test_frozen_finite_differences(backend):
         bn.weight.data, bn.bias.data = xp.asarray(w_, device=dev), xp.asarray(b_, device=dev)
         return float(np.sum(to_numpy(bn(to_backend(backend, x_))) * r))
 
-    num_dx = _fd(lambda a: loss(x_=a), x.copy())
-    num_dw = _fd(lambda a: loss(w_=a), w.copy())
-    num_db = _fd(lambda a: loss(b_=a), b.copy())
+    num_dx = numerical_grad(lambda a: loss(x_=a), x.copy())
+    num_dw = numerical_grad(lambda a: loss(w_=a), w.copy())
+    num_db = numerical_grad(lambda a: loss(b_=a), b.copy())
     loss()
     bn.zero_grad()
     dx = bn.backward(to_backend(backend, r))

@@ -12,7 +12,7 @@ import xbn
 from xbn import _reference as ref
 from xbn._reference import assert_close, to_numpy
 
-from reference import to_backend
+from reference import numerical_grad, to_backend
 
 LAYOUTS = [
     (xbn.BatchNorm1d, {}, (5, 3), 1),
@@ -22,22 +22,7 @@ LAYOUTS = [
     (xbn.BatchNorm3d, {}, (2, 2, 2, 2, 3), 1),
 ]
 IDS = ["1d-NC", "1d-NCL", "2d-NCHW", "NHWC", "3d"]
-H = 1e-6
 TOL = 1e-6  # central differences with h = 1e-6 in float64: error ~1e-9 relative
-
-
-def _fd(f, a):
-    """Central-difference gradient of the scalar function f at the float64 array a."""
-    g = np.empty_like(a)
-    for i in np.ndindex(a.shape):
-        old = a[i]
-        a[i] = old + H
-        fp = f(a)
-        a[i] = old - H
-        fm = f(a)
-        a[i] = old
-        g[i] = (fp - fm) / (2 * H)
-    return g
 
 
 @pytest.mark.parametrize("mode", ["train", "eval", "untracked-eval"])
@@ -71,9 +56,9 @@ def test_finite_differences(backend, cls, kw, shape, axis, mode):
         y = bn.forward(to_backend(backend, x if x_ is None else x_), training=training)
         return float(np.sum(to_numpy(y) * r))
 
-    num_dx = _fd(lambda a: loss(x_=a), x.copy())
-    num_dw = _fd(lambda a: loss(w_=a), w.copy())
-    num_db = _fd(lambda a: loss(b_=a), b.copy())
+    num_dx = numerical_grad(lambda a: loss(x_=a), x.copy())
+    num_dw = numerical_grad(lambda a: loss(w_=a), w.copy())
+    num_db = numerical_grad(lambda a: loss(b_=a), b.copy())
 
     loss()  # the unperturbed forward, then its backward
     bn.zero_grad()
@@ -103,7 +88,7 @@ def test_finite_differences_affine_false(backend, mode):
     def loss(a):
         return float(np.sum(to_numpy(bn.forward(to_backend(backend, a), training=training)) * r))
 
-    num_dx = _fd(loss, x.copy())
+    num_dx = numerical_grad(loss, x.copy())
     bn.forward(to_backend(backend, x), training=training)
     dx = bn.backward(to_backend(backend, r))
     assert_close(to_numpy(dx), num_dx, TOL, "dx")

@@ -20,7 +20,7 @@ from xbn._reference import assert_close, to_numpy
 from xbn.lazy import UninitializedError
 from xbn.renorm import renorm_corrections
 
-from reference import snapshot, to_backend
+from reference import numerical_grad, snapshot, to_backend
 
 LAYOUTS = [
     (xbn.BatchRenorm1d, {}, (6, 3), 1),
@@ -30,26 +30,11 @@ LAYOUTS = [
     (xbn.BatchRenorm3d, {}, (2, 3, 2, 3, 2), 1),
 ]
 IDS = ["1d-NC", "1d-NCL", "2d-NCHW", "NHWC", "3d"]
-H = 1e-6
 FD_TOL = 1e-6
 
 
 def _x(shape, seed=0, loc=0.5, scale=2.0):
     return np.random.default_rng(seed).normal(loc, scale, size=shape)
-
-
-def _fd(f, a):
-    """Central-difference gradient of the scalar function f at the float64 array a."""
-    g = np.empty_like(a)
-    for i in np.ndindex(a.shape):
-        old = a[i]
-        a[i] = old + H
-        fp = f(a)
-        a[i] = old - H
-        fm = f(a)
-        a[i] = old
-        g[i] = (fp - fm) / (2 * H)
-    return g
 
 
 def _set(layer, backend, **values):
@@ -252,9 +237,9 @@ def test_renorm_finite_differences_of_the_layer(backend, regime):
         return float(np.sum(to_numpy(bn.forward(to_backend(backend, x_), training=True)) * rr))
 
     num = [
-        _fd(lambda a: loss(x_=a), x.copy()),
-        _fd(lambda a: loss(w_=a), w.copy()),
-        _fd(lambda a: loss(b_=a), b.copy()),
+        numerical_grad(lambda a: loss(x_=a), x.copy()),
+        numerical_grad(lambda a: loss(w_=a), w.copy()),
+        numerical_grad(lambda a: loss(b_=a), b.copy()),
     ]
     loss()
     bn.zero_grad()
@@ -284,10 +269,12 @@ def test_renorm_backward_holds_r_and_d_constant(backend):
     def fixed(x_=x, w_=w):
         return float(np.sum(renorm_reference(x_, rr, weight=w_, r=r, d=d, **opts)["y"] * rr))
 
-    assert_close(to_numpy(dx), _fd(lambda a: fixed(x_=a), x.copy()), FD_TOL, "dx")
-    assert_close(to_numpy(bn.weight.grad), _fd(lambda a: fixed(w_=a), w.copy()), FD_TOL, "dgamma")
+    assert_close(to_numpy(dx), numerical_grad(lambda a: fixed(x_=a), x.copy()), FD_TOL, "dx")
+    assert_close(to_numpy(bn.weight.grad), numerical_grad(lambda a: fixed(w_=a), w.copy()), FD_TOL, "dgamma")
     # and it is not the gradient through r and d: the layer's own function differs here
-    full = _fd(lambda a: float(np.sum(renorm_reference(a, rr, weight=w, **opts)["y"] * rr)), x.copy())
+    full = numerical_grad(
+        lambda a: float(np.sum(renorm_reference(a, rr, weight=w, **opts)["y"] * rr)), x.copy()
+    )
     assert ref.rel_err(to_numpy(dx), full) > 1e-3
 
 
