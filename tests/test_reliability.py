@@ -155,3 +155,15 @@ def test_tiny_eps_constant_channel_gives_finite_dx(backend):
     dx = to_numpy(bn.backward(to_backend(backend, np.tile(np.float32([1, 2]), (4, 1)))))
     assert np.isfinite(dx).all()
     np.testing.assert_array_equal(dx[:, 0], np.zeros(4, np.float32))  # torch gives 0 here too
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the generic path's inf - inf on NumPy
+def test_ghost_batches_keep_an_infinite_first_value_infinite(backend):
+    # ghost batches shift each group like batch_stats does: an infinite first value gives torch's
+    # infinite mean (running_mean inf), not inf - inf = NaN
+    x = np.array([[np.inf, 2.0], [1.0, 3.0], [0.0, 4.0], [2.0, 5.0]], np.float32)
+    bn = xbn.BatchNorm1d(2, backend=backend.xp, virtual_batch_size=2)
+    bn(to_backend(backend, x))
+    rm, rv = to_numpy(bn.running_mean), to_numpy(bn.running_var)
+    assert rm[0] == np.inf and np.isnan(rv[0])
+    np.testing.assert_allclose(rm[1], 0.1 * 3.5, rtol=1e-6)

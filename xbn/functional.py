@@ -33,6 +33,7 @@ __all__ = [
     "reduction_axes",
     "per_channel",
     "batch_stats",
+    "shift_of",
     "invstd",
     "scale_shift_coefficients",
     "scale_shift",
@@ -97,6 +98,13 @@ def _as_compute(x: Array, xp: ModuleType) -> Array:
     return _cast(x, compute_dtype(x.dtype, xp=xp), xp)
 
 
+def shift_of(first: Array, /, *, xp: ModuleType) -> Array:
+    """The shift the statistics are taken about: each channel's first value, or 0 where it is
+    not finite (an infinite shift would make every shifted value inf - inf = NaN, where torch's
+    mean is that infinity)."""
+    return xp.where(xp.isfinite(first), first, xp.zeros_like(first))
+
+
 def batch_stats(x: Array, /, *, axis: int, xp: ModuleType | None = None) -> tuple[Array, Array]:
     """Per-channel mean and biased variance of ``x``, in the compute dtype.
 
@@ -119,10 +127,7 @@ def batch_stats(x: Array, /, *, axis: int, xp: ModuleType | None = None) -> tupl
     axis = _channel_axis(x.ndim, axis)
     axes = reduction_axes(x.ndim, axis)
     if values_per_channel(tuple(x.shape), axis) > 0:
-        first = xc[tuple(slice(None) if a == axis else 0 for a in range(x.ndim))]
-        # An infinite first value would make every shifted value inf - inf = NaN, where torch's
-        # mean is that infinity: such a channel is shifted by 0 instead.
-        first = xp.where(xp.isfinite(first), first, xp.zeros_like(first))
+        first = shift_of(xc[tuple(slice(None) if a == axis else 0 for a in range(x.ndim))], xp=xp)
         mean = first + xp.mean(xc - per_channel(first, x.ndim, axis, xp=xp), axis=axes)
     else:
         mean = xp.mean(xc, axis=axes)

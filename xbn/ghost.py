@@ -66,13 +66,14 @@ def _reduced_axes(ndim: int, channel: int) -> tuple[int, ...]:
 def _stats(xg: Array, channel: int, xp: Any) -> tuple[Array, Array]:
     """Per-(group, channel) mean and biased variance, about a shift that keeps constants exact.
 
-    The shift is each group's first value per channel: a constant channel then gives exactly its
-    value as the mean and exactly 0 as the variance (and so y exactly beta).
+    The shift is each group's first value per channel (:func:`xbn.functional.shift_of`): a
+    constant channel then gives exactly its value as the mean and exactly 0 as the variance (and
+    so y exactly beta), and an infinite one gives torch's infinite mean.
     """
     axes = _reduced_axes(xg.ndim, channel)
     count = math.prod(xg.shape[a] for a in axes)
     first = tuple(slice(None) if a in (0, channel) else slice(0, 1) for a in range(xg.ndim))
-    shift = xg[first]
+    shift = F.shift_of(xg[first], xp=xp)
     mean = xp.reshape(shift, (xg.shape[0], xg.shape[channel])) + xp.sum(xg - shift, axis=axes) / count
     d = xg - _broadcast(mean, xg.ndim, channel, xp)
     return mean, xp.sum(d * d, axis=axes) / count
