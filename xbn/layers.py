@@ -222,8 +222,13 @@ class BatchNorm(Module):
         self._save_for_backward(SavedForward(x, mean, inv, w, call.batch_stats, axis, extra))
         return y
 
-    def _check_forward(self, x: Array, training: bool | None) -> ForwardCall:
-        """Every check of a forward call, and what it decides; changes nothing."""
+    def _check_forward(self, x: Array, training: bool | None, *, check_count: bool = True) -> ForwardCall:
+        """Every check of a forward call, and what it decides; changes nothing.
+
+        ``check_count=False`` leaves out the "more than one value per channel" check, for a
+        layer whose statistics are taken over more than this input (SyncBatchNorm checks the
+        count over all processes).
+        """
         training = _arrays.check_training_flag(training, self.training)
         x = _arrays.check_array(self._backend, x, "input")
         if not self.xp.isdtype(x.dtype, "real floating"):
@@ -231,15 +236,14 @@ class BatchNorm(Module):
         axis = _arrays.check_channels(x, self.num_features, self.axis, self._valid_ndims, type(self).__name__)
         batch_stats = (training and not self._frozen) or self.running_mean is None
         count = F.values_per_channel(tuple(x.shape), axis)
-        if batch_stats:
-            self._check_batch(tuple(x.shape), axis)
+        if batch_stats and check_count:
+            self._check_batch(tuple(x.shape), axis, count)
         return ForwardCall(
             x, axis, batch_stats, batch_stats and training and self.running_mean is not None, count
         )
 
-    def _check_batch(self, shape: tuple[int, ...], axis: int) -> None:
+    def _check_batch(self, shape: tuple[int, ...], axis: int, count: int) -> None:
         """The batch must give statistics: more than one value per channel (per ghost batch)."""
-        count = F.values_per_channel(shape, axis)
         vbs, note = self.virtual_batch_size, ""
         if vbs is not None and count > 0:
             if axis == 0:

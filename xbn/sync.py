@@ -228,7 +228,7 @@ class SyncBatchNorm(BatchNorm):
         shift: Array = None
         try:
             shift = self._shift()
-            call = self._check_forward_globally(x, training)
+            call = self._check_forward(x, training, check_count=False)  # global count: after the all-reduce
             buf = self._pack_forward(call, shift, slots)
         except Exception as e:  # any failure here must reach the others, or they wait forever
             error = e
@@ -284,19 +284,6 @@ class SyncBatchNorm(BatchNorm):
         if self.running_mean is None:
             return xp.zeros((self.num_features,), dtype=xp.float64, device=self.device)
         return xp.astype(self.running_mean, xp.float64)
-
-    def _check_forward_globally(self, x: Array, training: Any) -> ForwardCall:
-        """BatchNorm's checks, with the count check left for the count over all processes."""
-        d = self.__dict__
-        d["_count_checked_globally"] = True
-        try:
-            return self._check_forward(x, training)
-        finally:
-            d["_count_checked_globally"] = False
-
-    def _check_batch(self, shape: tuple[int, ...], axis: int) -> None:
-        if not self.__dict__.get("_count_checked_globally", False):
-            super()._check_batch(shape, axis)
 
     def _pack_forward(self, call: ForwardCall, shift: Array, slots: int) -> Array:
         xp, c = self.xp, self.num_features
