@@ -167,7 +167,6 @@ def _run_tasks(
     nbytes: int,
     scratch: Callable[[], Any],
     task: Callable[[int, Any], None],
-    bufsize: bool = False,
 ) -> None:
     """Run ``task(i, s)`` for i in range(plan.n_tasks), each thread with its own scratch ``s``.
 
@@ -177,11 +176,6 @@ def _run_tasks(
     tasks, and a pool task that has not started when its caller has finished is cancelled.
     """
     n_tasks = plan.n_tasks
-    # per-row broadcasts are the ones the bufsize matters for (see _BUFSIZE)
-    bufsize = bufsize and _SCOPED_BUFSIZE
-    if n_tasks == 1 and not bufsize:
-        task(0, scratch())  # small inputs: every microsecond of set-up shows
-        return
     threads = min(_num_threads, n_tasks) if nbytes >= _PARALLEL_MIN_BYTES else 1
     counter = itertools.count()
     failed: list[bool] = []
@@ -201,7 +195,7 @@ def _run_tasks(
     def worker() -> None:
         # errstate (and the bufsize, which it scopes) is per thread: set it in each worker
         with np.errstate(all="ignore"):
-            if bufsize:
+            if _SCOPED_BUFSIZE:  # every pass broadcasts a coefficient row or column
                 np.setbufsize(_BUFSIZE)
             work()
 
@@ -350,6 +344,7 @@ class _Geom:
         "red",
         "part_shape",
         "red_counts",
+        "red_sub",
         "spread_all",
         "_ones",
         "_channel",
@@ -366,6 +361,7 @@ class _Geom:
         chunk = max(1, _CHUNK_BYTES // itemsize)
         self.rows = self.inner >= _ROW_MIN
         self.red_counts: np.ndarray | None = None
+        self.red_sub = 0  # rows of a reduction sub-block (cols layout); set below
         nbytes = math.prod(shape) * itemsize
         self.spread_all = True
         if self.rows:
@@ -395,6 +391,7 @@ class _Geom:
             self.map = _Plan(self.nrows, self.ncols, min(1024, chunk // cpc), cpc)
             if t > 1:
                 self.red = self.map  # a partial per block, for every channel
+                self.red_sub = self.map.rpc
                 m = np.array(
                     [
                         (self.map.block(i)[1].stop - self.map.block(i)[1].start) // width
@@ -405,10 +402,15 @@ class _Geom:
                 rows = np.array([self.map.rows_of(rb) for rb in range(self.map.n_rb)], dtype=np.float64)
                 self.red_counts = (rows[:, None] * m[None, :] * self.inner).reshape(-1, 1)
             else:
+                # A block of rows may be taller than a chunk (the partial budget sets its
+                # height); its task walks it in the map's chunk-sized sub-blocks, adding their
+                # column sums in float64. Blocks keep the map's width, whole rows where a row
+                # fits in a chunk: strips of a few channels of (4096, 1024), 512 B a row, ran
+                # at half the speed.
                 blocks = max(1, _partial_budget(nbytes) // (_PARTIAL_BYTES * self.C))
                 rpc_min = -(-self.nrows // blocks)
-                cpc = self._whole_units(chunk // max(16, rpc_min))
-                self.red = _Plan(self.nrows, self.ncols, max(rpc_min, min(1024, chunk // cpc)), cpc)
+                self.red = _Plan(self.nrows, self.ncols, max(rpc_min, self.map.rpc), self.map.cpc)
+                self.red_sub = self.map.rpc
                 rows = np.array([self.red.rows_of(rb) for rb in range(self.red.n_rb)], dtype=np.float64)
                 self.red_counts = (rows * self.inner)[:, None]
         self._ones: dict[np.dtype, np.ndarray] = {}
@@ -419,6 +421,10 @@ class _Geom:
     def _whole_units(self, n: int) -> int:
         """``n`` columns rounded down to whole units (at least one), at most every column."""
         return min(self.ncols, max(self.unit, n // self.unit * self.unit))
+
+    def sub_blocks(self, rs: slice) -> Any:
+        """Reduction block rows ``rs`` (cols layout) in sub-blocks of at most a chunk."""
+        return (slice(r, min(rs.stop, r + self.red_sub)) for r in range(rs.start, rs.stop, self.red_sub))
 
     def slot(self, i: int) -> tuple[int, int, int]:
         """Where reduction task i (cols layout) puts its partials: (partial row, first channel,
@@ -525,7 +531,9 @@ class _Geom:
         return o
 
     def scratch_size(self) -> int:
-        return max(self.map.rpc * self.map.cpc, self.red.rpc * self.red.cpc)
+        if self.rows:
+            return max(self.map.rpc * self.map.cpc, self.red.rpc * self.red.cpc)
+        return self.map.rpc * self.map.cpc  # the reductions walk sub-blocks of the map's size
 
     def empty_like(self, dtype: Any) -> np.ndarray:
         """A new array with the analysed array's shape and memory layout, in ``dtype``."""
@@ -667,7 +675,7 @@ def _passes_batch_stats(g: _Geom, x: np.ndarray, dt: np.dtype) -> tuple[np.ndarr
             pq[rs] = np.vecdot(c, c)
             pz[rs] = z
 
-        _run_tasks(plan, x.nbytes, _scratch(g, dt), task, bufsize=True)
+        _run_tasks(plan, x.nbytes, _scratch(g, dt), task)
         parts = [_rows_by_channel(a, g) for a in (pz, pd, pq)]
         n_part: Any = float(L)
     else:
@@ -678,27 +686,39 @@ def _passes_batch_stats(g: _Geom, x: np.ndarray, dt: np.dtype) -> tuple[np.ndarr
         def task(i: int, s: _Scratch) -> None:
             rs, cs = plan.block(i)
             p, c0, nch = g.slot(i)
-            blk = _load(mat[rs, cs], dt, s[1])
-            n = blk.shape[0]
-            c = _view(s[0], blk.shape)
+            n = rs.stop - rs.start
             # samples from three rows and, when rows are folded, three folds: far apart, so
             # that one local outlier (or a periodic one) does not make the median
             span = nch * inner
             f = (cs.stop - cs.start) // span - 1  # the last fold in the block
             z = _median3(
-                blk[0, 0:span:inner],
-                blk[n // 2, (f // 2) * span + inner // 2 : (f // 2 + 1) * span : inner],
-                blk[n - 1, f * span + inner - 1 : (f + 1) * span : inner],
-            )
-            np.subtract(blk, g.spread(z, cs), out=c)
-            cd[p, c0 : c0 + nch] = g.per_channel(ones[:n] @ c, cs, nch)
-            # one pass for square-and-sum down the columns; BLAS has no such call
-            cq[p, c0 : c0 + nch] = g.per_channel(np.einsum("ij,ij->j", c, c), cs, nch)
+                mat[rs.start, cs.start : cs.start + span : inner],
+                mat[rs.start + n // 2, cs.start + (f // 2) * span + inner // 2 :: inner][:nch],
+                mat[rs.stop - 1, cs.start + f * span + inner - 1 :: inner][:nch],
+            ).astype(dt)
+            zs = g.spread(z, cs)
+            sd: Any = None
+            sq: Any = None
+            for sub in g.sub_blocks(rs):
+                c = _view(s[0], (sub.stop - sub.start, cs.stop - cs.start))
+                np.subtract(_load(mat[sub, cs], dt, s[1]), zs, out=c)
+                # one pass for square-and-sum down the columns; BLAS has no such call
+                sd, sq = _add_cols(sd, ones[: c.shape[0]] @ c), _add_cols(sq, np.einsum("ij,ij->j", c, c))
+            cd[p, c0 : c0 + nch] = g.per_channel(sd, cs, nch)
+            cq[p, c0 : c0 + nch] = g.per_channel(sq, cs, nch)
             cz[p, c0 : c0 + nch] = z
 
         _run_tasks(plan, x.nbytes, _scratch(g, dt), task)
         parts, n_part = [cz, cd, cq], g.red_counts
     return _chan_merge(parts[0], parts[1], parts[2], n_part, float(x.size // g.C))
+
+
+def _add_cols(acc: np.ndarray | None, cols: np.ndarray) -> np.ndarray:
+    """A sub-block's column sums added to a block's float64 running sums (first: converted)."""
+    if acc is None:
+        return cols.astype(np.float64)
+    acc += cols
+    return acc
 
 
 def _rows_by_channel(a: np.ndarray, g: _Geom) -> np.ndarray:
@@ -819,7 +839,7 @@ def _passes_scale_shift(g: _Geom, x: np.ndarray, scale: Any, shift: Any, dt: np.
         if not direct:
             np.copyto(out[rs, cs], dst, casting="unsafe")
 
-    _run_tasks(plan, x.nbytes + y.nbytes, _scratch(g, dt), task, bufsize=g.rows)
+    _run_tasks(plan, x.nbytes + y.nbytes, _scratch(g, dt), task)
     return y
 
 
@@ -865,14 +885,18 @@ def _passes_backward_reduce(
         def task(i: int, s: _Scratch) -> None:
             rs, cs = plan.block(i)
             p, c0, nch = g.slot(i)
-            d = _load(mdy[rs, cs], dt, s[1])
-            n = d.shape[0]
-            c = _view(s[0], d.shape)
-            np.subtract(_load(mx[rs, cs], dt, s[0]), mu(rs, cs), out=c)  # type: ignore[misc]
-            p_dy[p, c0 : c0 + nch] = g.per_channel(ones[:n] @ d, cs, nch)
-            p_dyx[p, c0 : c0 + nch] = g.per_channel(np.einsum("ij,ij->j", c, d), cs, nch)
+            m = mu(rs, cs)  # type: ignore[misc]
+            sd: Any = None
+            sx: Any = None
+            for sub in g.sub_blocks(rs):
+                d = _load(mdy[sub, cs], dt, s[1])
+                c = _view(s[0], d.shape)
+                np.subtract(_load(mx[sub, cs], dt, s[0]), m, out=c)
+                sd, sx = _add_cols(sd, ones[: d.shape[0]] @ d), _add_cols(sx, np.einsum("ij,ij->j", c, d))
+            p_dy[p, c0 : c0 + nch] = g.per_channel(sd, cs, nch)
+            p_dyx[p, c0 : c0 + nch] = g.per_channel(sx, cs, nch)
 
-    _run_tasks(plan, x.nbytes + dy.nbytes, _scratch(g, dt), task, bufsize=g.rows)
+    _run_tasks(plan, x.nbytes + dy.nbytes, _scratch(g, dt), task)
     if g.rows:
         p_dy, p_dyx = _rows_by_channel(p_dy, g), _rows_by_channel(p_dyx, g)
     # partials are added in float64 in a fixed order and rounded once
@@ -949,7 +973,7 @@ def _passes_backward_apply(
             if not direct:
                 np.copyto(out[rs, cs], dst, casting="unsafe")
 
-    _run_tasks(plan, x.nbytes + 2 * dy.nbytes, _scratch(g, dt), task, bufsize=g.rows)
+    _run_tasks(plan, x.nbytes + 2 * dy.nbytes, _scratch(g, dt), task)
     return dx
 
 
