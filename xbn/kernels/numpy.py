@@ -447,15 +447,17 @@ class _Geom:
 
     def spread(self, v: np.ndarray, cs: slice) -> np.ndarray:
         """Values of the channels of block columns ``cs``, one per column."""
-        if self.t == 1 and self.inner == 1:
-            return v
+        if self.t == 1:  # the block's channels, from v[0] on
+            v = v[: (cs.stop - cs.start) // self.inner]
+            return v if self.inner == 1 else np.repeat(v, self.inner)
         return v.take(self._local_channels(cs.stop - cs.start))
 
     def per_channel(self, cols: np.ndarray, cs: slice, nch: int) -> np.ndarray:
         """Column sums of block columns ``cs`` as float64 sums per channel, in a fixed order."""
         if self.t == 1 and self.inner == 1:
             return cols.astype(np.float64)
-        return np.bincount(self._local_channels(cs.stop - cs.start), weights=cols, minlength=nch)
+        # a sum over a reshape, not np.bincount by channel index: 3 us, not 15, for 3920 columns
+        return cols.reshape(-1, nch, self.inner).sum(axis=(0, 2), dtype=np.float64)
 
     def view3(self, a: np.ndarray) -> np.ndarray:
         """``a`` as its C-contiguous (outer, C, inner) view."""
