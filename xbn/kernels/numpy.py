@@ -57,10 +57,18 @@ from ..backends import register_kernel
 
 __all__ = ["get_engine", "get_num_threads", "set_engine", "set_num_threads"]
 
-# A chunk of about this many bytes (in the compute dtype), plus a scratch buffer or two of
-# the same size, stays in a 1-2 MiB L2 while the several NumPy passes over it run. It also
-# keeps each BLAS call below the size (about 1 MiB) at which OpenBLAS starts threads of its
-# own, which would fight the pool's threads.
+# The NumPy passes walk x in chunks of about this many bytes (in the compute dtype), each
+# read from memory once while several NumPy passes run over it in cache. Each chunk's task
+# costs 15-20 us of Python besides its passes, and with 2 threads the tasks' Python runs under
+# the GIL, so larger chunks run faster until they and their scratch buffer leave the L2
+# (measured on a 1 MiB-L2 core, forward + backward, 1 / 2 threads, 256 KiB -> 768 KiB: 12.0 ->
+# 11.2 / 9.5 -> 7.4 ms on (4096, 1024), 21.2 -> 16.1 / 17.8 -> 11.0 ms on channels-last
+# 32x56x56x64, 24.7 -> 19.0 / 22.6 -> 17.0 ms on 128x256x14x14; 1 MiB was 5-15% faster
+# still, 2 MiB slower than 256 KiB). A thread's scratch is one chunk (float32), so 768 KiB
+# leaves room for the partials within the workspace rule of 1 MiB a thread (see the module
+# docstring).
+_PASS_CHUNK_BYTES = 768 * 1024
+# The compiled loops' blocks: about this many bytes each.
 _CHUNK_BYTES = 256 * 1024
 # Below this many bytes of input the pool's hand-off (~20 us a task) costs more than it saves.
 _PARALLEL_MIN_BYTES = 1 << 20
@@ -70,7 +78,7 @@ _PARALLEL_MIN_BYTES = 1 << 20
 _ROW_MIN = 2048
 # Longest row handed to one BLAS call in the row layout; longer spatial extents are split into
 # equal sub-rows so that a chunk can still be small.
-_ROW_MAX = _CHUNK_BYTES // 4
+_ROW_MAX = _PASS_CHUNK_BYTES // 4
 # Column layouts narrower than this fold consecutive rows together (channels-last with C=64 is
 # 64 values a row, and NumPy's per-row overhead would dominate again).
 _COL_MIN = 2048
@@ -358,7 +366,7 @@ class _Geom:
         self.outer = math.prod(shape[:axis])
         self.C = shape[axis]
         self.inner = math.prod(shape[axis + 1 :])
-        chunk = max(1, _CHUNK_BYTES // itemsize)
+        chunk = max(1, _PASS_CHUNK_BYTES // itemsize)
         self.rows = self.inner >= _ROW_MIN
         self.red_counts: np.ndarray | None = None
         self.red_sub = 0  # rows of a reduction sub-block (cols layout); set below
@@ -585,11 +593,12 @@ def _cdtype(x: np.ndarray) -> np.dtype:
     return np.dtype(np.float64) if x.dtype == np.float64 else np.dtype(np.float32)
 
 
-def _load(block: np.ndarray, dt: np.dtype, buf: np.ndarray) -> np.ndarray:
-    """``block`` in the compute dtype: itself, or converted into the scratch ``buf``."""
+def _load(block: np.ndarray, dt: np.dtype, s: _Scratch, i: int) -> np.ndarray:
+    """``block`` in the compute dtype: itself, or converted into scratch buffer ``s[i]`` (which
+    is allocated only then)."""
     if block.dtype == dt:
         return block
-    out = _view(buf, block.shape)
+    out = _view(s[i], block.shape)
     np.copyto(out, block, casting="unsafe")
     return out
 
@@ -669,7 +678,7 @@ def _passes_batch_stats(g: _Geom, x: np.ndarray, dt: np.dtype) -> tuple[np.ndarr
 
         def task(i: int, s: _Scratch) -> None:
             rs, _ = plan.block(i)
-            blk = _load(mat[rs], dt, s[1])
+            blk = _load(mat[rs], dt, s, 1)
             c = _view(s[0], blk.shape)
             z = _median3(blk[:, 0], blk[:, L // 2], blk[:, L - 1])
             np.subtract(blk, z[:, None], out=c)
@@ -703,7 +712,7 @@ def _passes_batch_stats(g: _Geom, x: np.ndarray, dt: np.dtype) -> tuple[np.ndarr
             sq: Any = None
             for sub in g.sub_blocks(rs):
                 c = _view(s[0], (sub.stop - sub.start, cs.stop - cs.start))
-                np.subtract(_load(mat[sub, cs], dt, s[1]), zs, out=c)
+                np.subtract(_load(mat[sub, cs], dt, s, 1), zs, out=c)
                 # one pass for square-and-sum down the columns; BLAS has no such call
                 sd, sq = _add_cols(sd, ones[: c.shape[0]] @ c), _add_cols(sq, np.einsum("ij,ij->j", c, c))
             cd[p, c0 : c0 + nch] = g.per_channel(sd, cs, nch)
@@ -835,7 +844,7 @@ def _passes_scale_shift(g: _Geom, x: np.ndarray, scale: Any, shift: Any, dt: np.
         xb = mat[rs, cs]
         # straight into y unless a dtype conversion is needed on the way
         dst = out[rs, cs] if direct else _view(s[0], xb.shape)
-        np.multiply(_load(xb, dt, s[0]), a(rs, cs), out=dst)  # type: ignore[misc]
+        np.multiply(_load(xb, dt, s, 0), a(rs, cs), out=dst)  # type: ignore[misc]
         if b is not None:
             np.add(dst, b(rs, cs), out=dst)
         if not direct:
@@ -875,9 +884,9 @@ def _passes_backward_reduce(
 
         def task(i: int, s: _Scratch) -> None:
             rs, cs = plan.block(i)
-            d = _load(mdy[rs], dt, s[1])
+            d = _load(mdy[rs], dt, s, 1)
             c = _view(s[0], d.shape)
-            np.subtract(_load(mx[rs], dt, s[0]), mu(rs, cs), out=c)  # type: ignore[misc]
+            np.subtract(_load(mx[rs], dt, s, 0), mu(rs, cs), out=c)  # type: ignore[misc]
             p_dy[rs] = d @ ones[: g.L]
             p_dyx[rs] = np.vecdot(c, d)
     else:
@@ -891,9 +900,9 @@ def _passes_backward_reduce(
             sd: Any = None
             sx: Any = None
             for sub in g.sub_blocks(rs):
-                d = _load(mdy[sub, cs], dt, s[1])
+                d = _load(mdy[sub, cs], dt, s, 1)
                 c = _view(s[0], d.shape)
-                np.subtract(_load(mx[sub, cs], dt, s[0]), m, out=c)
+                np.subtract(_load(mx[sub, cs], dt, s, 0), m, out=c)
                 sd, sx = _add_cols(sd, ones[: d.shape[0]] @ d), _add_cols(sx, np.einsum("ij,ij->j", c, d))
             p_dy[p, c0 : c0 + nch] = g.per_channel(sd, cs, nch)
             p_dyx[p, c0 : c0 + nch] = g.per_channel(sx, cs, nch)
@@ -952,9 +961,9 @@ def _passes_backward_apply(
         def task(i: int, s: _Scratch) -> None:
             rs, cs = plan.block(i)
             dst = out[rs, cs] if direct else _view(s[2], (rs.stop - rs.start, cs.stop - cs.start))
-            np.subtract(_load(mx[rs, cs], dt, s[1]), centre(rs, cs), out=dst)  # type: ignore[misc]
+            np.subtract(_load(mx[rs, cs], dt, s, 1), centre(rs, cs), out=dst)  # type: ignore[misc]
             np.multiply(dst, ratio(rs, cs), out=dst)  # type: ignore[misc]
-            np.add(dst, _load(mdy[rs, cs], dt, s[1]), out=dst)
+            np.add(dst, _load(mdy[rs, cs], dt, s, 1), out=dst)
             np.multiply(dst, scale(rs, cs), out=dst)  # type: ignore[misc]
             if not direct:
                 np.copyto(out[rs, cs], dst, casting="unsafe")
@@ -967,9 +976,9 @@ def _passes_backward_apply(
             shape = (rs.stop - rs.start, cs.stop - cs.start)
             dst = out[rs, cs] if direct else _view(s[2], shape)
             tmp = _view(s[0], shape)
-            np.subtract(_load(mx[rs, cs], dt, s[1]), mu(rs, cs), out=dst)  # type: ignore[misc]
+            np.subtract(_load(mx[rs, cs], dt, s, 1), mu(rs, cs), out=dst)  # type: ignore[misc]
             np.multiply(dst, b(rs, cs), out=dst)  # type: ignore[misc]
-            np.multiply(_load(mdy[rs, cs], dt, s[1]), a(rs, cs), out=tmp)  # type: ignore[misc]
+            np.multiply(_load(mdy[rs, cs], dt, s, 1), a(rs, cs), out=tmp)  # type: ignore[misc]
             np.add(dst, tmp, out=dst)
             np.add(dst, c0(rs, cs), out=dst)  # type: ignore[misc]
             if not direct:
