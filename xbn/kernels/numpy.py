@@ -11,8 +11,10 @@ through DRAM instead. Two engines do better, chosen once per process (:func:`set
 * ``numpy`` (always available): the input is walked in fixed chunks that stay in a core's L2,
   so each chunk comes from memory once however many NumPy passes run over it; per-channel sums
   go through BLAS matrix-vector products (several times faster than ``sum(axis=...)``, a scalar
-  pairwise loop); chunks are shared by a small thread pool, since ufuncs and BLAS release the
-  GIL. Still 2-5x above the floor: each in-cache NumPy pass costs about what a DRAM pass does.
+  pairwise loop); chunks are shared by a small thread pool, since ufuncs and einsum release the
+  GIL (NumPy's matmul and vecdot hold it, so the BLAS sums of two threads take turns). Still
+  1.5-2.7x above the floor: a training step makes 12-13 NumPy passes over each chunk, and each
+  in cache costs half to all of what a pass from memory does (docs/performance.md).
 
 Numerics match :mod:`xbn.functional`: statistics in float64 for float64 input and in float32
 otherwise; each partial (a row, or a channel's columns in a block of rows) summed about a shift
