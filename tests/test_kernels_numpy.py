@@ -117,9 +117,99 @@ def _permuted(x, order):
 
 
 def test_all_ops_registered(engine):
-    assert set(FAST.fast) == set(backends.PASS_OPS)
+    # every op; the whole steps decline on the NumPy passes (the composition runs there)
+    assert set(FAST.fast) == set(backends.OP_NAMES)
     assert GENERIC.fast == ()
     assert kn.get_engine() == engine
+
+
+# (shape, axis) x what the layer may hand the whole-step ops: affine or not, running statistics
+# or not, a constant channel (its scale is 0), a tiny eps, an infinite value, a large offset
+STEP_SHAPES = [((64, 16, 8, 8), 1), ((32, 7, 5, 3), -1), ((300, 5), 1), ((4, 3, 1031), 1), ((17, 2), 0)]
+STEP_CASES = ["plain", "no-affine", "no-running", "constant", "tiny-eps", "inf", "offset"]
+
+
+def _same_bits(got, want, what):
+    """Equal arrays, bit for bit apart from the sign and payload of NaN (or both None)."""
+    if got is None or want is None:
+        assert got is None and want is None, what
+        return
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    assert np.array_equal(got, want, equal_nan=True), what
+    ok = np.isnan(want) | (
+        got.view(np.uint8).reshape(got.shape + (-1,)) == want.view(np.uint8).reshape(want.shape + (-1,))
+    ).all(-1)
+    assert ok.all(), f"{what}: not the same bits"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", STEP_CASES)
+@pytest.mark.parametrize("shape_axis", STEP_SHAPES, ids=_id)
+def test_whole_steps_match_the_composition_bit_for_bit(shape_axis, case, dtype, engine):
+    """batch_norm_forward/backward/inference (fused per-channel work on the compiled engine, the
+    composition itself on the NumPy passes) give the generic composition's bits over the same
+    passes: y, the statistics, the running statistics, dx and both parameter gradients."""
+    shape, axis = shape_axis
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    c = shape[axis]
+    w, b = (rng.random(c) + 0.5).astype(dtype), rng.standard_normal(c).astype(dtype)
+    rm, rv = rng.standard_normal(c).astype(dtype), (rng.random(c) + 0.5).astype(dtype)
+    eps = 1e-30 if case == "tiny-eps" else 1e-5
+    first = [slice(None)] * len(shape)
+    first[axis] = 0
+    if case == "no-affine":
+        w = b = None
+    if case == "no-running":
+        rm = rv = None
+    if case in ("constant", "tiny-eps"):
+        x[tuple(first)] = 3.25
+    if case == "inf":
+        x[tuple(first)].flat[0] = np.inf
+    if case == "offset":
+        x = (x + 1e4).astype(dtype)
+    with np.errstate(all="ignore"):
+        got = FAST.batch_norm_forward(x, w, b, rm, rv, axis=axis, eps=eps, momentum=0.1)
+        want = F.batch_norm_forward(x, w, b, rm, rv, axis=axis, eps=eps, momentum=0.1, xp=np, ops=FAST)
+        for g, v, name in zip(got, want, ("y", "mean", "invstd", "running mean", "running var")):
+            _same_bits(g, v, f"forward {name}")
+        _, mean, inv, _, _ = want
+        got = FAST.batch_norm_backward(dy, x, mean, inv, w, axis=axis)
+        want = F.batch_norm_backward(dy, x, mean, inv, w, axis=axis, xp=np, ops=FAST)
+        for g, v, name in zip(got, want, ("dx", "dgamma", "dbeta")):
+            _same_bits(g, v, f"backward {name}")
+        if rm is not None:
+            got = FAST.batch_norm_inference(x, w, b, rm, rv, axis=axis, eps=eps)
+            want = F.batch_norm_inference(x, w, b, rm, rv, axis=axis, eps=eps, xp=np, ops=FAST)
+            _same_bits(got, want, "inference y")
+
+
+def test_whole_steps_decline_what_they_do_not_fuse(engine):
+    """float16 input, vectors of another dtype (float64 running statistics with float32 input
+    compute in float64), an eval-mode backward and a single value per channel go to the
+    composition: the results are the generic path's."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((8, 4, 3)).astype(np.float32)
+    rm64, rv64 = np.zeros(4), np.ones(4)
+    got = FAST.batch_norm_inference(x, None, None, rm64, rv64, axis=1)
+    assert got.dtype == np.float32
+    _close(got, GENERIC.batch_norm_inference(x, None, None, rm64, rv64, axis=1), 1e-6, "float64 running")
+    x16 = x.astype(np.float16)
+    y, *_ = FAST.batch_norm_forward(x16, None, None, None, None, axis=1)
+    _close(y, GENERIC.batch_norm_forward(x16, None, None, None, None, axis=1)[0], 2e-3, "float16")
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    inv = np.full(4, 0.5, np.float32)
+    got = FAST.batch_norm_backward(dy, x, np.zeros(4, np.float32), inv, None, axis=1, batch_stats_used=False)
+    want = GENERIC.batch_norm_backward(
+        dy, x, np.zeros(4, np.float32), inv, None, axis=1, batch_stats_used=False
+    )
+    for g, v in zip(got, want):
+        _close(g, v, 1e-6, "eval-mode backward")
+    with pytest.raises(ZeroDivisionError):  # the composition's error, as on the generic path
+        FAST.batch_norm_forward(
+            x[:1, :, :1], None, None, np.zeros(4, np.float32), np.ones(4, np.float32), axis=1
+        )
 
 
 def test_engine_choice():

@@ -389,6 +389,54 @@ def sum_partials(a, k, out):  # pragma: no cover - compiled
         out[c] = s
 
 
+# -- per-channel epilogues: the small vector arithmetic of xbn.functional around the passes,
+# one compiled call instead of a dozen NumPy operations on C values (which cost more than the
+# passes themselves on small inputs). Compiled without fastmath, every operation in the
+# arrays' dtype and in xbn.functional's order, so each result is rounded as NumPy rounds it
+# there: the same bits as the generic composition. Constants come in ``k``, already in that
+# dtype (a Python float meets a float32 array as a float32 in NumPy). An absent weight or bias
+# is an array of length 0.
+
+
+@(nb.njit(cache=True, nogil=True) if nb is not None else (lambda f: f))
+def affine_coefficients(mean, var, weight, bias, k, zero_constant, inv, scale, shift):  # pragma: no cover
+    """inv = 1 / sqrt(var + eps); scale = inv * weight (inv without one), 0 where var == 0 if
+    ``zero_constant`` (a constant channel normalizes to exactly its bias); shift = -mean *
+    scale + bias. k = [eps, 1, 0]."""
+    has_w = weight.shape[0] > 0
+    has_b = bias.shape[0] > 0
+    for c in range(mean.shape[0]):
+        iv = k[1] / np.sqrt(var[c] + k[0])
+        inv[c] = iv
+        sc = iv * weight[c] if has_w else iv
+        if zero_constant and var[c] == 0:
+            sc = k[2]
+        scale[c] = sc
+        sh = -mean[c] * sc
+        shift[c] = sh + bias[c] if has_b else sh
+
+
+@(nb.njit(cache=True, nogil=True) if nb is not None else (lambda f: f))
+def running_update(running_mean, running_var, mean, var, k, new_mean, new_var):  # pragma: no cover - compiled
+    """(1 - m) * running + m * batch, the variance unbiased; k = [1 - m, m, M / (M - 1)]."""
+    for c in range(mean.shape[0]):
+        new_mean[c] = k[0] * running_mean[c] + k[1] * mean[c]
+        new_var[c] = k[0] * running_var[c] + k[1] * (var[c] * k[2])
+
+
+@(nb.njit(cache=True, nogil=True) if nb is not None else (lambda f: f))
+def backward_coefficients(sdy, sdx, inv, weight, k, k_dy, k_xmu, k_const, dgamma):  # pragma: no cover
+    """From sdy = sum(dy) and sdx = sum(dy * (x - mean)): k_dy = inv * weight; k_xmu = -k_dy *
+    (inv * (inv * (sdx / M))); k_const = -k_dy * sdy / M; dgamma = sdx * inv. k = [M]."""
+    has_w = weight.shape[0] > 0
+    for c in range(inv.shape[0]):
+        kd = inv[c] * weight[c] if has_w else inv[c]
+        k_dy[c] = kd
+        k_xmu[c] = -kd * (inv[c] * (inv[c] * (sdx[c] / k[0])))
+        k_const[c] = -kd * sdy[c] / k[0]
+        dgamma[c] = sdx[c] * inv[c]
+
+
 _local = threading.local()
 _PARALLEL_LOCK = threading.Lock()
 # numba names its threading layer only once the first parallel region is set up (in

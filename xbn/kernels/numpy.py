@@ -1109,3 +1109,120 @@ def _nb_backward_apply(
     else:
         nbk.cols_backward_apply(mx, mdy, *(g.nb_cols(v, dt) for v in coefs), g.nb_block(), out)
     return dx
+
+
+# -- whole steps on the compiled engine: the passes above plus the per-channel epilogues in
+# one compiled call each (xbn.functional spends a dozen NumPy operations on C values there,
+# about 15 us a training step, as much as the passes of a small input). The results are the
+# generic composition's bit for bit; anything else (the NumPy passes, float16, vectors of
+# another dtype) takes the composition itself.
+
+
+def _vec_ok(v: Any, dt: np.dtype, c: int) -> bool:
+    """A per-channel vector the epilogues take: None, or a float ndarray of ``dt`` and length c."""
+    return v is None or (type(v) is np.ndarray and v.dtype == dt and v.shape == (c,))
+
+
+def _nb_arg(v: Any, dt: np.dtype) -> np.ndarray:
+    """A vector for the compiled epilogues: contiguous, or empty for None."""
+    return np.empty(0, dt) if v is None else np.ascontiguousarray(v)
+
+
+@register_kernel("numpy", "batch_norm_forward")
+def batch_norm_forward(
+    x: Any,
+    weight: Any,
+    bias: Any,
+    running_mean: Any,
+    running_var: Any,
+    /,
+    *,
+    axis: int,
+    eps: float = 1e-5,
+    momentum: float = 0.1,
+    xp: ModuleType | None = None,
+    ops: Any = None,
+) -> Any:
+    nbk = _compiled()
+    g = _geometry(x, axis) if nbk is not None else None
+    if g is None or x.dtype != _cdtype(x):
+        return NotImplemented
+    dt, C = x.dtype, g.C
+    update = running_mean is not None and running_var is not None
+    count = x.size // C
+    if update and count < 2:
+        return NotImplemented  # the composition's unbiased variance raises its error
+    if not all(_vec_ok(v, dt, C) for v in (weight, bias, running_mean, running_var)):
+        return NotImplemented
+    mean, var = batch_stats(x, axis=axis)
+    inv, scale, shift = (np.empty(C, dt) for _ in range(3))
+    k = np.array([eps, 1.0, 0.0], dt)
+    nbk.affine_coefficients(mean, var, _nb_arg(weight, dt), _nb_arg(bias, dt), k, True, inv, scale, shift)
+    y = _nb_scale_shift(nbk, g, x, scale, shift, dt)
+    if not update:
+        return y, mean, inv, None, None
+    new_mean, new_var = np.empty(C, dt), np.empty(C, dt)
+    k = np.array([1.0 - momentum, momentum, count / (count - 1)], dt)
+    nbk.running_update(_nb_arg(running_mean, dt), _nb_arg(running_var, dt), mean, var, k, new_mean, new_var)
+    return y, mean, inv, new_mean, new_var
+
+
+@register_kernel("numpy", "batch_norm_backward")
+def batch_norm_backward(
+    dy: Any,
+    x: Any,
+    mean: Any,
+    inv: Any,
+    weight: Any,
+    /,
+    *,
+    axis: int,
+    batch_stats_used: bool = True,
+    need_param_grads: bool = True,
+    xp: ModuleType | None = None,
+    ops: Any = None,
+) -> Any:
+    nbk = _compiled()
+    g = _geometry(x, axis, dy) if nbk is not None and batch_stats_used else None
+    if g is None or not x.dtype == dy.dtype == _cdtype(x):
+        return NotImplemented
+    dt, C = x.dtype, g.C
+    if mean is None or inv is None or not all(_vec_ok(v, dt, C) for v in (mean, inv, weight)):
+        return NotImplemented
+    mean, inv = np.ascontiguousarray(mean), np.ascontiguousarray(inv)
+    sum_dy, sum_dy_xmu = _nb_backward_reduce(nbk, g, dy, x, mean, dt)
+    k_dy, k_xmu, k_const, dgamma = (np.empty(C, dt) for _ in range(4))
+    k = np.array([x.size // C], dt)
+    nbk.backward_coefficients(sum_dy, sum_dy_xmu, inv, _nb_arg(weight, dt), k, k_dy, k_xmu, k_const, dgamma)
+    dx = _nb_backward_apply(nbk, g, dy, x, (mean, k_dy, k_xmu, k_const), dt)
+    return dx, dgamma, sum_dy
+
+
+@register_kernel("numpy", "batch_norm_inference")
+def batch_norm_inference(
+    x: Any,
+    weight: Any,
+    bias: Any,
+    running_mean: Any,
+    running_var: Any,
+    /,
+    *,
+    axis: int,
+    eps: float = 1e-5,
+    xp: ModuleType | None = None,
+    ops: Any = None,
+) -> Any:
+    nbk = _compiled()
+    g = _geometry(x, axis) if nbk is not None else None
+    if g is None or x.dtype != _cdtype(x):
+        return NotImplemented
+    dt, C = x.dtype, g.C
+    if running_mean is None or running_var is None:
+        return NotImplemented
+    if not all(_vec_ok(v, dt, C) for v in (weight, bias, running_mean, running_var)):
+        return NotImplemented  # e.g. float64 running statistics: the composition computes in float64
+    inv, scale, shift = (np.empty(C, dt) for _ in range(3))
+    k = np.array([eps, 1.0, 0.0], dt)
+    rm, rv = np.ascontiguousarray(running_mean), np.ascontiguousarray(running_var)
+    nbk.affine_coefficients(rm, rv, _nb_arg(weight, dt), _nb_arg(bias, dt), k, False, inv, scale, shift)
+    return _nb_scale_shift(nbk, g, x, scale, shift, dt)
