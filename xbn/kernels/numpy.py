@@ -1,4 +1,6 @@
-"""NumPy fast paths for the four batch-norm ops, registered for the ``"numpy"`` backend.
+"""NumPy fast paths for the four batch-norm passes, registered for the ``"numpy"`` backend,
+and, on the compiled engine, for the whole steps (training forward, backward, eval forward),
+whose per-channel work is then one compiled call instead of a dozen NumPy operations on C values.
 
 Batch norm is memory-bound: the floor is 3 passes over x for a training forward and 5 for a
 backward. A NumPy expression like ``mean((x - m) ** 2, axis=axes)`` streams every temporary
