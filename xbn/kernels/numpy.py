@@ -1120,9 +1120,48 @@ def _nb_backward_apply(
 # another dtype) takes the composition itself.
 
 
-def _vec_ok(v: Any, dt: np.dtype, c: int) -> bool:
-    """A per-channel vector the epilogues take: None, or a float ndarray of ``dt`` and length c."""
-    return v is None or (type(v) is np.ndarray and v.dtype == dt and v.shape == (c,))
+def _nb_vectors(dt: np.dtype, c: int, *vectors: Any) -> bool:
+    """Whether the epilogues take these per-channel vectors: each None, or an ndarray of ``dt``
+    and length c."""
+    return all(v is None or (type(v) is np.ndarray and v.dtype == dt and v.shape == (c,)) for v in vectors)
+
+
+def _nb_step(x: Any, axis: int, *vectors: Any, dy: Any = None) -> tuple[Any, _Geom] | None:
+    """(compiled loops, geometry) for a whole step on ``x`` (and ``dy``) with these per-channel
+    vectors, or None where the composition is to run: the NumPy passes, float16 input, an
+    unsupported layout, vectors of another dtype."""
+    nbk = _compiled()
+    if nbk is None:
+        return None
+    g = _geometry(x, axis) if dy is None else _geometry(x, axis, dy)
+    dt = _cdtype(x) if g is not None else None
+    if g is None or x.dtype != dt or (dy is not None and dy.dtype != dt):
+        return None
+    return (nbk, g) if _nb_vectors(x.dtype, g.C, *vectors) else None
+
+
+def _nb_normalize(
+    nbk: Any,
+    g: _Geom,
+    x: np.ndarray,
+    mean: Any,
+    var: Any,
+    weight: Any,
+    bias: Any,
+    eps: float,
+    *,
+    constant_channels: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(y, invstd): y = (x - mean) * invstd * weight + bias as one compiled scale-shift pass,
+    its coefficients from one epilogue call. ``constant_channels``: var is the batch's, and a
+    channel with var == 0 gets scale 0 (y exactly its bias), as xbn.functional.normalize does."""
+    dt = x.dtype
+    inv, scale, shift = (np.empty(g.C, dt) for _ in range(3))
+    k = np.array([eps, 1.0, 0.0], dt)
+    nbk.affine_coefficients(
+        mean, var, _nb_arg(weight, dt), _nb_arg(bias, dt), k, constant_channels, inv, scale, shift
+    )
+    return _nb_scale_shift(nbk, g, x, scale, shift, dt), inv
 
 
 def _nb_arg(v: Any, dt: np.dtype) -> np.ndarray:
@@ -1145,22 +1184,17 @@ def batch_norm_forward(
     xp: ModuleType | None = None,
     ops: Any = None,
 ) -> Any:
-    nbk = _compiled()
-    g = _geometry(x, axis) if nbk is not None else None
-    if g is None or x.dtype != _cdtype(x):
+    step = _nb_step(x, axis, weight, bias, running_mean, running_var)
+    if step is None:
         return NotImplemented
+    nbk, g = step
     dt, C = x.dtype, g.C
-    update = running_mean is not None and running_var is not None
     count = x.size // C
+    update = running_mean is not None and running_var is not None
     if update and count < 2:
-        return NotImplemented  # the composition's unbiased variance raises its error
-    if not all(_vec_ok(v, dt, C) for v in (weight, bias, running_mean, running_var)):
-        return NotImplemented
+        return NotImplemented  # the composition raises its error for the unbiased variance
     mean, var = batch_stats(x, axis=axis)
-    inv, scale, shift = (np.empty(C, dt) for _ in range(3))
-    k = np.array([eps, 1.0, 0.0], dt)
-    nbk.affine_coefficients(mean, var, _nb_arg(weight, dt), _nb_arg(bias, dt), k, True, inv, scale, shift)
-    y = _nb_scale_shift(nbk, g, x, scale, shift, dt)
+    y, inv = _nb_normalize(nbk, g, x, mean, var, weight, bias, eps, constant_channels=True)
     if not update:
         return y, mean, inv, None, None
     new_mean, new_var = np.empty(C, dt), np.empty(C, dt)
@@ -1184,13 +1218,13 @@ def batch_norm_backward(
     xp: ModuleType | None = None,
     ops: Any = None,
 ) -> Any:
-    nbk = _compiled()
-    g = _geometry(x, axis, dy) if nbk is not None and batch_stats_used else None
-    if g is None or not x.dtype == dy.dtype == _cdtype(x):
+    # an eval-mode backward (dx = dy * k_dy) is the composition's one small pass
+    needed = batch_stats_used and mean is not None and inv is not None
+    step = _nb_step(x, axis, mean, inv, weight, dy=dy) if needed else None
+    if step is None:
         return NotImplemented
+    nbk, g = step
     dt, C = x.dtype, g.C
-    if mean is None or inv is None or not all(_vec_ok(v, dt, C) for v in (mean, inv, weight)):
-        return NotImplemented
     mean, inv = np.ascontiguousarray(mean), np.ascontiguousarray(inv)
     sum_dy, sum_dy_xmu = _nb_backward_reduce(nbk, g, dy, x, mean, dt)
     k_dy, k_xmu, k_const, dgamma = (np.empty(C, dt) for _ in range(4))
@@ -1214,17 +1248,11 @@ def batch_norm_inference(
     xp: ModuleType | None = None,
     ops: Any = None,
 ) -> Any:
-    nbk = _compiled()
-    g = _geometry(x, axis) if nbk is not None else None
-    if g is None or x.dtype != _cdtype(x):
+    # float64 running statistics with float32 input are declined: the composition computes
+    # in float64 then
+    step = _nb_step(x, axis, weight, bias, running_mean, running_var)
+    if step is None or running_mean is None or running_var is None:
         return NotImplemented
-    dt, C = x.dtype, g.C
-    if running_mean is None or running_var is None:
-        return NotImplemented
-    if not all(_vec_ok(v, dt, C) for v in (weight, bias, running_mean, running_var)):
-        return NotImplemented  # e.g. float64 running statistics: the composition computes in float64
-    inv, scale, shift = (np.empty(C, dt) for _ in range(3))
-    k = np.array([eps, 1.0, 0.0], dt)
+    nbk, g = step
     rm, rv = np.ascontiguousarray(running_mean), np.ascontiguousarray(running_var)
-    nbk.affine_coefficients(rm, rv, _nb_arg(weight, dt), _nb_arg(bias, dt), k, False, inv, scale, shift)
-    return _nb_scale_shift(nbk, g, x, scale, shift, dt)
+    return _nb_normalize(nbk, g, x, rm, rv, weight, bias, eps, constant_channels=False)[0]
