@@ -68,9 +68,9 @@ __all__ = ["get_engine", "get_num_threads", "set_engine", "set_num_threads"]
 # (measured on a 1 MiB-L2 core, forward + backward, 1 / 2 threads, 256 KiB -> 768 KiB: 12.0 ->
 # 11.2 / 9.5 -> 7.4 ms on (4096, 1024), 21.2 -> 16.1 / 17.8 -> 11.0 ms on channels-last
 # 32x56x56x64, 24.7 -> 19.0 / 22.6 -> 17.0 ms on 128x256x14x14; 1 MiB was 5-15% faster
-# still, 2 MiB slower than 256 KiB). A thread's scratch is one chunk (float32), so 768 KiB
-# leaves room for the partials within the workspace rule of 1 MiB a thread (see the module
-# docstring).
+# still; 2 MiB gained nothing over 1 MiB on NCHW and was slower than 256 KiB on the first
+# two). A thread's scratch is one chunk (float32), so 768 KiB leaves room for the partials
+# within the workspace rule of 1 MiB a thread (see the module docstring).
 _PASS_CHUNK_BYTES = 768 * 1024
 # The compiled loops' blocks: about this many bytes each.
 _CHUNK_BYTES = 256 * 1024
