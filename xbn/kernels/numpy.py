@@ -356,7 +356,6 @@ class _Geom:
         "red",
         "part_shape",
         "red_counts",
-        "red_sub",
         "spread_all",
         "_ones",
         "_channel",
@@ -373,7 +372,6 @@ class _Geom:
         chunk = max(1, _PASS_CHUNK_BYTES // itemsize)
         self.rows = self.inner >= _ROW_MIN
         self.red_counts: np.ndarray | None = None
-        self.red_sub = 0  # rows of a reduction sub-block (cols layout); set below
         nbytes = math.prod(shape) * itemsize
         self.spread_all = True
         if self.rows:
@@ -403,7 +401,6 @@ class _Geom:
             self.map = _Plan(self.nrows, self.ncols, min(1024, chunk // cpc), cpc)
             if t > 1:
                 self.red = self.map  # a partial per block, for every channel
-                self.red_sub = self.map.rpc
                 m = np.array(
                     [
                         (self.map.block(i)[1].stop - self.map.block(i)[1].start) // width
@@ -422,7 +419,6 @@ class _Geom:
                 blocks = max(1, _partial_budget(nbytes) // (_PARTIAL_BYTES * self.C))
                 rpc_min = -(-self.nrows // blocks)
                 self.red = _Plan(self.nrows, self.ncols, max(rpc_min, self.map.rpc), self.map.cpc)
-                self.red_sub = self.map.rpc
                 rows = np.array([self.red.rows_of(rb) for rb in range(self.red.n_rb)], dtype=np.float64)
                 self.red_counts = (rows * self.inner)[:, None]
         self._ones: dict[np.dtype, np.ndarray] = {}
@@ -435,8 +431,9 @@ class _Geom:
         return min(self.ncols, max(self.unit, n // self.unit * self.unit))
 
     def sub_blocks(self, rs: slice) -> Any:
-        """Reduction block rows ``rs`` (cols layout) in sub-blocks of at most a chunk."""
-        return (slice(r, min(rs.stop, r + self.red_sub)) for r in range(rs.start, rs.stop, self.red_sub))
+        """Reduction block rows ``rs`` (cols layout) in sub-blocks of the map's height (a chunk)."""
+        step = self.map.rpc
+        return (slice(r, min(rs.stop, r + step)) for r in range(rs.start, rs.stop, step))
 
     def slot(self, i: int) -> tuple[int, int, int]:
         """Where reduction task i (cols layout) puts its partials: (partial row, first channel,
@@ -538,16 +535,16 @@ class _Geom:
         """A vector of ones long enough for the BLAS sums of any block (shared, read-only)."""
         o = self._ones.get(dt)
         if o is None:
-            n = max(self.map.rpc, self.map.cpc, self.red.rpc, self.red.cpc)
+            n = max(self.map.rpc, self.map.cpc)  # the sums run over map blocks or sub-blocks
             o = np.ones(n, dtype=dt)
             o.flags.writeable = False
             self._ones[dt] = o
         return o
 
     def scratch_size(self) -> int:
-        if self.rows:
-            return max(self.map.rpc * self.map.cpc, self.red.rpc * self.red.cpc)
-        return self.map.rpc * self.map.cpc  # the reductions walk sub-blocks of the map's size
+        # a map block: the rows layout reduces over map blocks, the cols layout over sub-blocks
+        # of the map's size
+        return self.map.rpc * self.map.cpc
 
     def empty_like(self, dtype: Any) -> np.ndarray:
         """A new array with the analysed array's shape and memory layout, in ``dtype``."""
