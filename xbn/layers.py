@@ -303,6 +303,10 @@ class BatchNorm(Module):
                 groups=saved.extra,
                 xp=self.xp,
             )
+        return self._ops_backward(dy, saved)
+
+    def _ops_backward(self, dy: Array, saved: SavedForward) -> tuple[Array, Array | None, Array | None]:
+        """The backend's whole backward of ``saved`` (batch or running statistics, as it used)."""
         return self._backend.ops.batch_norm_backward(
             dy,
             saved.x,
@@ -310,7 +314,7 @@ class BatchNorm(Module):
             saved.invstd,
             saved.weight,
             axis=saved.axis,
-            batch_stats_used=True,
+            batch_stats_used=saved.batch_stats_used,
             need_param_grads=self.affine,
         )
 
@@ -335,16 +339,7 @@ class BatchNorm(Module):
         elif saved.batch_stats_used:
             dx, dgamma, dbeta = self._train_backward(dy, saved)
         else:
-            dx, dgamma, dbeta = self._backend.ops.batch_norm_backward(
-                dy,
-                saved.x,
-                saved.mean,
-                saved.invstd,
-                saved.weight,
-                axis=saved.axis,
-                batch_stats_used=False,
-                need_param_grads=self.affine,
-            )
+            dx, dgamma, dbeta = self._ops_backward(dy, saved)
         if self.weight is not None and self.bias is not None:
             self._accumulate_grad(self.weight, dgamma)
             self._accumulate_grad(self.bias, dbeta)
