@@ -1,4 +1,5 @@
-"""Test-only helpers shared by every tier: ``snapshot``, ``to_backend``, ``rand``.
+"""Test-only helpers shared by every tier: ``snapshot``, ``to_backend``, ``rand``,
+``numerical_grad``, ``check_layer_gradients``, ``assert_same_bits``.
 
 The float64 reference and the error measure live in the package, :mod:`xbn._reference`, because
 ``xbn parity`` uses them at run time; new tests import them from there. Their names are also
@@ -74,3 +75,55 @@ def numerical_grad(f: Any, a: np.ndarray, h: float = 1e-6) -> np.ndarray:
         a[i] = old
         g[i] = (fp - fm) / (2 * h)
     return g
+
+
+def check_layer_gradients(
+    bn: Any,
+    backend: Any,
+    x: np.ndarray,
+    r: np.ndarray,
+    w: np.ndarray,
+    b: np.ndarray,
+    tol: float,
+    call: Any = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The layer's backward against central differences of sum(call(x) * r) in x, weight and
+    bias (float64 arrays ``x``, ``r``, ``w``, ``b``; ``call`` defaults to calling the layer).
+    Asserts dx, weight.grad and bias.grad within ``tol``; returns the numerical gradients
+    (dx, dgamma, dbeta)."""
+    call = bn if call is None else call
+    xp, dev = backend.xp, backend.device
+
+    def loss(x_: np.ndarray = x, w_: np.ndarray = w, b_: np.ndarray = b) -> float:
+        bn.weight.data, bn.bias.data = xp.asarray(w_, device=dev), xp.asarray(b_, device=dev)
+        return float(np.sum(to_numpy(call(to_backend(backend, x_))) * r))
+
+    num = (
+        numerical_grad(lambda a: loss(x_=a), x.copy()),
+        numerical_grad(lambda a: loss(w_=a), w.copy()),
+        numerical_grad(lambda a: loss(b_=a), b.copy()),
+    )
+    loss()  # the unperturbed forward, then its backward
+    bn.zero_grad()
+    dx = bn.backward(to_backend(backend, r))
+    for got, want, what in zip((dx, bn.weight.grad, bn.bias.grad), num, ("dx", "dgamma", "dbeta")):
+        assert_close(to_numpy(got), want, tol, what)
+    return num
+
+
+def assert_same_bits(got: Any, want: Any, what: str, *, any_nan: bool = False) -> None:
+    """``got`` is ``want`` bit for bit: same dtype, shape and bytes (or both None). With
+    ``any_nan`` a NaN may differ from a NaN in sign and payload."""
+    if got is None or want is None:
+        assert got is None and want is None, what
+        return
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype and got.shape == want.shape, (what, got.dtype, want.dtype)
+    if any_nan:
+        nan = np.isnan(want)
+        assert np.array_equal(np.isnan(got), nan), f"{what}: NaN in other places"
+        got, want = np.where(nan, 0, got), np.where(nan, 0, want)
+    assert got.tobytes() == want.tobytes(), (
+        f"{what}: not the same bits; max difference "
+        f"{np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))):.3e}"
+    )

@@ -16,7 +16,7 @@ import xbn
 from xbn import _reference as ref
 from xbn._reference import assert_close, to_numpy
 
-from reference import numerical_grad, snapshot, to_backend
+from reference import check_layer_gradients, snapshot, to_backend
 
 # (class, kwargs, shape, channel axis); N = 10 with ghost batches of 4 gives groups 4, 4 and 2
 LAYOUTS = [
@@ -209,21 +209,7 @@ def test_ghost_finite_differences(backend):
     x, r = rng.normal(0.3, 1.5, size=shape), rng.normal(size=shape)
     w, b = rng.uniform(0.5, 1.5, 2), rng.normal(size=2)
     bn = xbn.BatchNorm1d(2, virtual_batch_size=size, eps=1e-3, backend=backend.name, dtype="float64")
-    xp, dev = backend.xp, backend.device
-
-    def loss(x_=x, w_=w, b_=b):
-        bn.weight.data, bn.bias.data = xp.asarray(w_, device=dev), xp.asarray(b_, device=dev)
-        return float(np.sum(to_numpy(bn(to_backend(backend, x_))) * r))
-
-    num_dx = numerical_grad(lambda a: loss(x_=a), x.copy())
-    num_dw = numerical_grad(lambda a: loss(w_=a), w.copy())
-    num_db = numerical_grad(lambda a: loss(b_=a), b.copy())
-    loss()
-    bn.zero_grad()
-    dx = bn.backward(to_backend(backend, r))
-    assert_close(to_numpy(dx), num_dx, FD_TOL, "dx")
-    assert_close(to_numpy(bn.weight.grad), num_dw, FD_TOL, "dgamma")
-    assert_close(to_numpy(bn.bias.grad), num_db, FD_TOL, "dbeta")
+    check_layer_gradients(bn, backend, x, r, w, b, FD_TOL)
 
 
 def test_ghost_batches_match_torch_batchnorms_per_group(backend):
@@ -330,21 +316,7 @@ def test_frozen_finite_differences(backend):
     shape = (3, 2, 2)
     rng = np.random.default_rng(8)
     x, r = rng.normal(size=shape), rng.normal(size=shape)
-    xp, dev = backend.xp, backend.device
-
-    def loss(x_=x, w_=w, b_=b):
-        bn.weight.data, bn.bias.data = xp.asarray(w_, device=dev), xp.asarray(b_, device=dev)
-        return float(np.sum(to_numpy(bn(to_backend(backend, x_))) * r))
-
-    num_dx = numerical_grad(lambda a: loss(x_=a), x.copy())
-    num_dw = numerical_grad(lambda a: loss(w_=a), w.copy())
-    num_db = numerical_grad(lambda a: loss(b_=a), b.copy())
-    loss()
-    bn.zero_grad()
-    dx = bn.backward(to_backend(backend, r))
-    assert_close(to_numpy(dx), num_dx, FD_TOL, "dx")
-    assert_close(to_numpy(bn.weight.grad), num_dw, FD_TOL, "dgamma")
-    assert_close(to_numpy(bn.bias.grad), num_db, FD_TOL, "dbeta")
+    check_layer_gradients(bn, backend, x, r, w, b, FD_TOL)
     assert bn.num_batches_tracked == 0
 
 

@@ -12,7 +12,7 @@ import xbn
 from xbn import _reference as ref
 from xbn._reference import assert_close, to_numpy
 
-from reference import numerical_grad, to_backend
+from reference import check_layer_gradients, numerical_grad, to_backend
 
 LAYOUTS = [
     (xbn.BatchNorm1d, {}, (5, 3), 1),
@@ -47,25 +47,9 @@ def test_finite_differences(backend, cls, kw, shape, axis, mode):
         bn.running_var = to_backend(backend, rng.uniform(0.5, 2.0, c))
     training = mode == "train"
     bn.train(training)
-    xp, dev = backend.xp, backend.device
-    R = to_backend(backend, r)
-
-    def loss(x_=None, w_=None, b_=None):
-        bn.weight.data = xp.asarray(w if w_ is None else w_, device=dev)
-        bn.bias.data = xp.asarray(b if b_ is None else b_, device=dev)
-        y = bn.forward(to_backend(backend, x if x_ is None else x_), training=training)
-        return float(np.sum(to_numpy(y) * r))
-
-    num_dx = numerical_grad(lambda a: loss(x_=a), x.copy())
-    num_dw = numerical_grad(lambda a: loss(w_=a), w.copy())
-    num_db = numerical_grad(lambda a: loss(b_=a), b.copy())
-
-    loss()  # the unperturbed forward, then its backward
-    bn.zero_grad()
-    dx = bn.backward(R)
-    assert_close(to_numpy(dx), num_dx, TOL, "dx")
-    assert_close(to_numpy(bn.weight.grad), num_dw, TOL, "dgamma")
-    assert_close(to_numpy(bn.bias.grad), num_db, TOL, "dbeta")
+    num_dx, num_dw, _ = check_layer_gradients(
+        bn, backend, x, r, w, b, TOL, call=lambda a: bn.forward(a, training=training)
+    )
     # the finite differences also confirm the reference itself
     kwargs = dict(axis=axis, weight=w, eps=1e-3, use_batch_stats=(mode != "eval"))
     if mode == "eval":

@@ -27,6 +27,7 @@ from xbn.kernels import _launch as L
 
 import host_kernels as hk
 import reference as ref
+from reference import assert_same_bits
 
 pytestmark = pytest.mark.skipif(
     hk.compiler() is None,
@@ -246,15 +247,6 @@ def _variant(shape_index: int, dtype: str):
     return FUSED_VARIANTS[(shape_index + DTYPES.index(dtype)) % len(FUSED_VARIANTS)]
 
 
-def _same_bits(got: np.ndarray, expect: np.ndarray, what: str) -> None:
-    expect = np.asarray(expect)
-    assert got.dtype == expect.dtype, (what, got.dtype, expect.dtype)
-    assert got.tobytes() == expect.tobytes(), (
-        f"{what}: not the generic formula's result bit for bit; max difference "
-        f"{np.max(np.abs(got.astype(np.float64) - expect.astype(np.float64))):.3e}"
-    )
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("index", range(len(FUSED_SHAPES)), ids=[f"{s}-ax{a}" for s, a in FUSED_SHAPES])
 def test_fused_epilogues_are_the_generic_formulas(index, dtype):
@@ -283,14 +275,14 @@ def test_fused_epilogues_are_the_generic_formulas(index, dtype):
     assert (plan.grid, plan.block, plan.args) == (plain.grid, plain.block, plain.args)
     inv = F.invstd(var, eps=eps, xp=xnp)
     scale, shift = F.scale_shift_coefficients(mean, inv, w, b, var=var, xp=xnp)
-    _same_bits(fwd["mean"], mean, "mean")
-    _same_bits(fwd["inv"], inv, "invstd")
-    _same_bits(fwd["scale"], scale, "scale")
-    _same_bits(fwd["shift"], shift, "shift")
+    assert_same_bits(fwd["mean"], mean, "mean")
+    assert_same_bits(fwd["inv"], inv, "invstd")
+    assert_same_bits(fwd["scale"], scale, "scale")
+    assert_same_bits(fwd["shift"], shift, "shift")
     if running:
         new_rm, new_rv = F.updated_running_stats(rm, rv, mean, var, count=m_count, momentum=momentum, xp=xnp)
-        _same_bits(fwd["new_running_mean"], new_rm, "new running mean")
-        _same_bits(fwd["new_running_var"], new_rv, "new running var")
+        assert_same_bits(fwd["new_running_mean"], new_rm, "new running mean")
+        assert_same_bits(fwd["new_running_var"], new_rv, "new running var")
         rm64, rv64, _ = ref.update_running(rm, rv, xv, axis=axis, momentum=momentum)
         rounding = 5e-7 if pdt == "float32" else 0.0  # the update runs in the parameters' dtype
         assert _rel(fwd["new_running_mean"], rm64) <= 4 * REDUCE_TOL[dtype] + rounding
@@ -309,11 +301,11 @@ def test_fused_epilogues_are_the_generic_formulas(index, dtype):
     s_dy, s_dy_xmu, plain = hk.backward_reduce(dy, x, fwd["mean"], dtype, axis=axis, seed=6)
     assert (plan.grid, plan.block, plan.args) == (plain.grid, plain.block, plain.args)
     k_dy, k_xmu, k_const = F.backward_coefficients(s_dy, s_dy_xmu, fwd["inv"], w, count=m_count, xp=xnp)
-    _same_bits(bwd["dgamma"], s_dy_xmu * fwd["inv"], "dgamma")
-    _same_bits(bwd["dbeta"], s_dy, "dbeta")
-    _same_bits(bwd["k_dy"], k_dy, "k_dy")
-    _same_bits(bwd["k_xmu"], k_xmu, "k_xmu")
-    _same_bits(bwd["k_const"], k_const, "k_const")
+    assert_same_bits(bwd["dgamma"], s_dy_xmu * fwd["inv"], "dgamma")
+    assert_same_bits(bwd["dbeta"], s_dy, "dbeta")
+    assert_same_bits(bwd["k_dy"], k_dy, "k_dy")
+    assert_same_bits(bwd["k_xmu"], k_xmu, "k_xmu")
+    assert_same_bits(bwd["k_const"], k_const, "k_const")
     assert bwd["dgamma"].dtype == acc
     grads = ref.backward(dyv, xv, axis=axis, weight=w, eps=eps)
     tol = 10 * REDUCE_TOL[dtype] + (1e-4 if dtype in ("float16", "bfloat16") else 0)
@@ -346,7 +338,7 @@ def test_fused_constant_channels_give_exactly_the_bias(shape, axis, dtype):
         == hk.from_storage(np.moveaxis(x, axis, 0)[const, ...].reshape(const.sum(), -1)[:, 0], dtype)
     )
     assert np.all(fwd["scale"][const] == 0) and np.all(fwd["scale"][~const] != 0)
-    _same_bits(fwd["shift"][const], bias.astype(acc)[const], "shift of constant channels")
+    assert_same_bits(fwd["shift"][const], bias.astype(acc)[const], "shift of constant channels")
     y, _ = hk.scale_shift(x, fwd["scale"], fwd["shift"], dtype, axis=axis)
     y_const = np.moveaxis(y, axis, 0)[const]
     expect = hk.to_storage(bias[const].astype(np.float64), dtype)
@@ -413,7 +405,7 @@ def test_inference_kernel_is_scale_shift_with_the_generic_coefficients(index, dt
             scale, shift = F.scale_shift_coefficients(mean, inv, w, b, xp=xnp)
             want, plain = hk.scale_shift(x, scale, shift, dtype, axis=axis)
             assert plan.args == plain.args  # (the inference kernel may pack channels)
-            _same_bits(y, want, f"y ({pdt}, affine {affine})")
+            assert_same_bits(y, want, f"y ({pdt}, affine {affine})")
             ref = ref_eval = (xv - rm.astype(np.float64).reshape(_bshape(len(shape), axis))) / np.sqrt(
                 rv.astype(np.float64) + 1e-3
             ).reshape(_bshape(len(shape), axis))
@@ -446,7 +438,7 @@ def test_packed_inference_blocks_give_the_results_of_one_channel_per_block(shape
     rm, rv = np.linspace(-0.5, 0.5, c).astype(np.float32), np.linspace(0.5, 2, c).astype(np.float32)
     y_packed, _ = hk.inference(x, w, b, rm, rv, dtype, axis=1, wide=False, plan=packed, seed=3)
     y_single, _ = hk.inference(x, w, b, rm, rv, dtype, axis=1, wide=False, plan=single, seed=3)
-    _same_bits(y_packed, y_single, "packed against one channel a block")
+    assert_same_bits(y_packed, y_single, "packed against one channel a block")
 
 
 # -- the last block's merge ---------------------------------------------------------------------

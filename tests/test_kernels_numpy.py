@@ -20,6 +20,8 @@ from xbn import backends
 from xbn import functional as F
 from xbn.kernels import numpy as kn
 
+from reference import assert_same_bits
+
 # generic=False: the kernels are tested whatever XBN_FORCE_GENERIC says about the layers
 NUMPY_FAST = backends.resolve("numpy", generic=False)
 FAST = NUMPY_FAST.ops
@@ -129,19 +131,6 @@ STEP_SHAPES = [((64, 16, 8, 8), 1), ((32, 7, 5, 3), -1), ((300, 5), 1), ((4, 3, 
 STEP_CASES = ["plain", "no-affine", "no-running", "constant", "tiny-eps", "inf", "offset"]
 
 
-def _same_bits(got, want, what):
-    """Equal arrays, bit for bit apart from the sign and payload of NaN (or both None)."""
-    if got is None or want is None:
-        assert got is None and want is None, what
-        return
-    assert got.dtype == want.dtype and got.shape == want.shape, what
-    assert np.array_equal(got, want, equal_nan=True), what
-    ok = np.isnan(want) | (
-        got.view(np.uint8).reshape(got.shape + (-1,)) == want.view(np.uint8).reshape(want.shape + (-1,))
-    ).all(-1)
-    assert ok.all(), f"{what}: not the same bits"
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", STEP_CASES)
 @pytest.mark.parametrize("shape_axis", STEP_SHAPES, ids=_id)
@@ -173,16 +162,16 @@ def test_whole_steps_match_the_composition_bit_for_bit(shape_axis, case, dtype, 
         got = FAST.batch_norm_forward(x, w, b, rm, rv, axis=axis, eps=eps, momentum=0.1)
         want = F.batch_norm_forward(x, w, b, rm, rv, axis=axis, eps=eps, momentum=0.1, xp=np, ops=FAST)
         for g, v, name in zip(got, want, ("y", "mean", "invstd", "running mean", "running var")):
-            _same_bits(g, v, f"forward {name}")
+            assert_same_bits(g, v, f"forward {name}", any_nan=True)
         _, mean, inv, _, _ = want
         got = FAST.batch_norm_backward(dy, x, mean, inv, w, axis=axis)
         want = F.batch_norm_backward(dy, x, mean, inv, w, axis=axis, xp=np, ops=FAST)
         for g, v, name in zip(got, want, ("dx", "dgamma", "dbeta")):
-            _same_bits(g, v, f"backward {name}")
+            assert_same_bits(g, v, f"backward {name}", any_nan=True)
         if rm is not None:
             got = FAST.batch_norm_inference(x, w, b, rm, rv, axis=axis, eps=eps)
             want = F.batch_norm_inference(x, w, b, rm, rv, axis=axis, eps=eps, xp=np, ops=FAST)
-            _same_bits(got, want, "inference y")
+            assert_same_bits(got, want, "inference y", any_nan=True)
 
 
 def test_whole_steps_decline_what_they_do_not_fuse(engine):

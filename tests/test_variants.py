@@ -20,7 +20,7 @@ from xbn._reference import assert_close, to_numpy
 from xbn.lazy import UninitializedError
 from xbn.renorm import renorm_corrections
 
-from reference import numerical_grad, snapshot, to_backend
+from reference import check_layer_gradients, numerical_grad, snapshot, to_backend
 
 LAYOUTS = [
     (xbn.BatchRenorm1d, {}, (6, 3), 1),
@@ -230,23 +230,7 @@ def test_renorm_finite_differences_of_the_layer(backend, regime):
     )
     # running std 10x the batch's on channel 0 and 1/10 on channel 1, means far off: all clipped
     _set(bn, backend, running_mean=[-5.0, 5.0], running_var=[200.0, 0.02])
-    xp, dev = backend.xp, backend.device
-
-    def loss(x_=x, w_=w, b_=b):
-        bn.weight.data, bn.bias.data = xp.asarray(w_, device=dev), xp.asarray(b_, device=dev)
-        return float(np.sum(to_numpy(bn.forward(to_backend(backend, x_), training=True)) * rr))
-
-    num = [
-        numerical_grad(lambda a: loss(x_=a), x.copy()),
-        numerical_grad(lambda a: loss(w_=a), w.copy()),
-        numerical_grad(lambda a: loss(b_=a), b.copy()),
-    ]
-    loss()
-    bn.zero_grad()
-    dx = bn.backward(to_backend(backend, rr))
-    assert_close(to_numpy(dx), num[0], FD_TOL, "dx")
-    assert_close(to_numpy(bn.weight.grad), num[1], FD_TOL, "dgamma")
-    assert_close(to_numpy(bn.bias.grad), num[2], FD_TOL, "dbeta")
+    check_layer_gradients(bn, backend, x, rr, w, b, FD_TOL, call=lambda a: bn.forward(a, training=True))
 
 
 def test_renorm_backward_holds_r_and_d_constant(backend):
