@@ -192,6 +192,29 @@ def rows_stats(X, nb, cs, ctr, d, q):  # pragma: no cover - compiled
             q[b, c] = sq
 
 
+@(nb.njit(inline="always", cache=True) if nb is not None else (lambda f: f))
+def _cols_task(t, nstrips, cs, C, nb, M):  # pragma: no cover - compiled
+    """Task t of a cols reduction: (block, its channels c0:c1, its rows r0:r1)."""
+    b = t // nstrips
+    c0 = (t - b * nstrips) * cs
+    r0 = b * nb
+    return b, c0, min(C, c0 + cs), r0, min(M, r0 + nb)
+
+
+@(nb.njit(inline="always", cache=True) if nb is not None else (lambda f: f))
+def _channel_totals(u, v, inner, nch, b, c0, out_u, out_v):  # pragma: no cover - compiled
+    """out_u[b, c0 + k] and out_v[b, c0 + k]: float64 sums, in order, of the per-column sums u
+    and v over channel k's ``inner`` columns, for the strip's nch channels."""
+    for k in range(nch):
+        su = 0.0
+        sv = 0.0
+        for jj in range(k * inner, (k + 1) * inner):
+            su += u[jj]
+            sv += v[jj]
+        out_u[b, c0 + k] = su
+        out_v[b, c0 + k] = sv
+
+
 _COL_RUN = 32
 
 
@@ -202,13 +225,9 @@ def cols_stats(X, inner, nb, cs, ctr, d, q):  # pragma: no cover - compiled
     nblocks = ctr.shape[0]
     nstrips = (C + cs - 1) // cs
     for t in prange(nblocks * nstrips):
-        b = t // nstrips
-        c0 = (t - b * nstrips) * cs
-        c1 = min(C, c0 + cs)
+        b, c0, c1, r0, r1 = _cols_task(t, nstrips, cs, C, nb, M)
         j0 = c0 * inner
         w = (c1 - c0) * inner
-        r0 = b * nb
-        r1 = min(M, r0 + nb)
         sh = np.empty(w, X.dtype)
         for k in range(c1 - c0):
             col = j0 + k * inner
@@ -246,14 +265,8 @@ def cols_stats(X, inner, nb, cs, ctr, d, q):  # pragma: no cover - compiled
                 sd[jj] += a[jj]
                 sq[jj] += e[jj]
         for k in range(c1 - c0):
-            td = 0.0
-            tq = 0.0
-            for jj in range(k * inner, (k + 1) * inner):
-                td += sd[jj]
-                tq += sq[jj]
             ctr[b, c0 + k] = sh[k * inner]
-            d[b, c0 + k] = td
-            q[b, c0 + k] = tq
+        _channel_totals(sd, sq, inner, c1 - c0, b, c0, d, q)
 
 
 @_jit
@@ -292,13 +305,9 @@ def cols_backward_reduce(X, D, mean, inner, nb, cs, sdy, sdx):  # pragma: no cov
     nblocks = sdy.shape[0]
     nstrips = (C + cs - 1) // cs
     for t in prange(nblocks * nstrips):
-        b = t // nstrips
-        c0 = (t - b * nstrips) * cs
-        c1 = min(C, c0 + cs)
+        b, c0, c1, r0, r1 = _cols_task(t, nstrips, cs, C, nb, M)
         j0 = c0 * inner
         w = (c1 - c0) * inner
-        r0 = b * nb
-        r1 = min(M, r0 + nb)
         mu = np.empty(w, X.dtype)
         for jj in range(w):
             mu[jj] = mean[c0 + jj // inner]
@@ -316,14 +325,7 @@ def cols_backward_reduce(X, D, mean, inner, nb, cs, sdy, sdx):  # pragma: no cov
                 for jj in range(w):
                     a[jj] += g[jj]
                     e[jj] += g[jj] * (x[jj] - mu[jj])
-        for k in range(c1 - c0):
-            ta = 0.0
-            te = 0.0
-            for jj in range(k * inner, (k + 1) * inner):
-                ta += a[jj]
-                te += e[jj]
-            sdy[b, c0 + k] = ta
-            sdx[b, c0 + k] = te
+        _channel_totals(a, e, inner, c1 - c0, b, c0, sdy, sdx)
 
 
 @(nb.njit(cache=True, nogil=True) if nb is not None else (lambda f: f))
