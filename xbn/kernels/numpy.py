@@ -1130,9 +1130,8 @@ def _nb_step(x: Any, axis: int, *vectors: Any, dy: Any = None) -> tuple[Any, _Ge
     nbk = _compiled()
     if nbk is None:
         return None
-    g = _geometry(x, axis) if dy is None else _geometry(x, axis, dy)
-    dt = _cdtype(x) if g is not None else None
-    if g is None or x.dtype != dt or (dy is not None and dy.dtype != dt):
+    g = _geometry(x, axis, *(() if dy is None else (dy,)))
+    if g is None or x.dtype != _cdtype(x) or (dy is not None and dy.dtype != x.dtype):
         return None
     return (nbk, g) if _nb_vectors(x.dtype, g.C, *vectors) else None
 
@@ -1163,7 +1162,7 @@ def _nb_normalize(
 
 def _nb_arg(v: Any, dt: np.dtype) -> np.ndarray:
     """A vector for the compiled epilogues: contiguous, or empty for None."""
-    return np.empty(0, dt) if v is None else np.ascontiguousarray(v)
+    return np.empty(0, dt) if v is None else _nb_vec(v, dt)
 
 
 @register_kernel("numpy", "batch_norm_forward")
@@ -1222,7 +1221,7 @@ def batch_norm_backward(
         return NotImplemented
     nbk, g = step
     dt, C = x.dtype, g.C
-    mean, inv = np.ascontiguousarray(mean), np.ascontiguousarray(inv)
+    mean, inv = _nb_vec(mean, dt), _nb_vec(inv, dt)
     sum_dy, sum_dy_xmu = _nb_backward_reduce(nbk, g, dy, x, mean, dt)
     k_dy, k_xmu, k_const, dgamma = (np.empty(C, dt) for _ in range(4))
     k = np.array([x.size // C], dt)
@@ -1251,5 +1250,5 @@ def batch_norm_inference(
     if step is None or running_mean is None or running_var is None:
         return NotImplemented
     nbk, g = step
-    rm, rv = np.ascontiguousarray(running_mean), np.ascontiguousarray(running_var)
+    rm, rv = _nb_vec(running_mean, x.dtype), _nb_vec(running_var, x.dtype)
     return _nb_normalize(nbk, g, x, rm, rv, weight, bias, eps, constant_channels=False)[0]
