@@ -31,6 +31,15 @@ def is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
 
+def check_rng(rng: Any, seed: int | None) -> np.random.Generator:
+    """The generator initial weights come from: ``rng``, or a new one from ``seed`` (not both)."""
+    if rng is not None and seed is not None:
+        raise ValueError("give rng or seed, not both")
+    if rng is not None and not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    return np.random.default_rng(seed) if rng is None else rng
+
+
 def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")

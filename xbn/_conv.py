@@ -50,6 +50,17 @@ Array = Any
 __all__ = ["Conv2d", "GlobalAvgPool2d", "Flatten"]
 
 
+def init_weight_and_bias(module: Module, shape: tuple[int, ...], bias: bool, rng: Any) -> None:
+    """PyTorch's default initialization of a weight of ``shape`` (out, in, ...) and, if
+    ``bias``, a bias of ``out`` values: uniform on +-1/sqrt(fan_in), the weight drawn first."""
+    bound = 1.0 / math.sqrt(math.prod(shape[1:]))
+    xp, dev, dt = module.xp, module.device, module._dtype
+    w = rng.uniform(-bound, bound, size=shape)
+    module.weight = Parameter(xp.asarray(w, dtype=dt, device=dev))
+    b = rng.uniform(-bound, bound, size=(shape[0],)) if bias else None
+    module.register_parameter("bias", None if b is None else Parameter(xp.asarray(b, dtype=dt, device=dev)))
+
+
 def _pair(name: str, value: Any, *, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints, each >= ``minimum``, as a pair (torch's kernel_size/stride/padding)."""
     if _arrays.is_int(value):
@@ -126,22 +137,11 @@ class Conv2d(Module):
         strides = _pair("stride", stride, minimum=1)
         pads = _pair("padding", padding, minimum=0)
         bias = _arrays.check_bool("bias", bias)
-        if rng is not None and seed is not None:
-            raise ValueError("give rng or seed, not both")
-        if rng is not None and not isinstance(rng, np.random.Generator):
-            raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        rng = _arrays.check_rng(rng, seed)
         self._init_backend(backend, device, dtype)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel, strides, pads
-        if rng is None:
-            rng = np.random.default_rng(seed)
-        fan_in = in_channels * kernel[0] * kernel[1]
-        bound = 1.0 / math.sqrt(fan_in)
-        xp, dev, dt = self.xp, self.device, self._dtype
-        w = rng.uniform(-bound, bound, size=(out_channels, in_channels, *kernel))
-        self.weight = Parameter(xp.asarray(w, dtype=dt, device=dev))
-        b = rng.uniform(-bound, bound, size=(out_channels,)) if bias else None
-        self.register_parameter("bias", None if b is None else Parameter(xp.asarray(b, dtype=dt, device=dev)))
+        init_weight_and_bias(self, (out_channels, in_channels, *kernel), bias, rng)
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
         """(N, out_channels, Ho, Wo) for an input of shape (N, in_channels, H, W); checks it."""

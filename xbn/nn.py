@@ -32,7 +32,6 @@ Examples
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,9 +39,9 @@ import array_api_compat
 import numpy as np
 
 from . import _arrays
-from ._conv import Conv2d, Flatten, GlobalAvgPool2d
+from ._conv import Conv2d, Flatten, GlobalAvgPool2d, init_weight_and_bias
 from .backends import Backend
-from .module import Module, Parameter
+from .module import Module
 
 Array = Any
 
@@ -111,18 +110,10 @@ class Linear(Module):
         in_features = _arrays.check_positive_int("in_features", in_features)
         out_features = _arrays.check_positive_int("out_features", out_features)
         bias = _arrays.check_bool("bias", bias)
-        if rng is not None and seed is not None:
-            raise ValueError("give rng or seed, not both")
+        rng = _arrays.check_rng(rng, seed)
         self._init_backend(backend, device, dtype)
         self.in_features, self.out_features = in_features, out_features
-        if rng is None:
-            rng = np.random.default_rng(seed)
-        bound = 1.0 / math.sqrt(in_features)
-        xp, dev, dt = self.xp, self.device, self._dtype
-        w = rng.uniform(-bound, bound, size=(out_features, in_features))
-        self.weight = Parameter(xp.asarray(w, dtype=dt, device=dev))
-        b = rng.uniform(-bound, bound, size=(out_features,)) if bias else None
-        self.register_parameter("bias", None if b is None else Parameter(xp.asarray(b, dtype=dt, device=dev)))
+        init_weight_and_bias(self, (out_features, in_features), bias, rng)
 
     def forward(self, x: Array, training: bool | None = None) -> Array:
         """x @ W.T + b; ``training`` is accepted for the layer protocol and has no effect."""
